@@ -1,0 +1,41 @@
+"""A fast, fail-closed session engine for Python services on Redis Cluster.
+
+Everything public is re-exported here; the ``_modules`` behind it are private.
+"""
+
+from ._engine import SessionEngine
+from ._errors import (
+    EngineError,
+    EngineUnavailable,
+    InvalidArgument,
+    PayloadTooLarge,
+    ReplicationIncomplete,
+    SessionConflict,
+    SessionLimitExceeded,
+    SessionNotFound,
+)
+from ._models import EngineStats, MissReasons, NewSession, Session, SessionState
+from ._run import install_uvloop, run
+from ._settings import EngineSettings
+
+__all__ = [
+    "EngineError",
+    "EngineSettings",
+    "EngineStats",
+    "EngineUnavailable",
+    "InvalidArgument",
+    "MissReasons",
+    "NewSession",
+    "PayloadTooLarge",
+    "ReplicationIncomplete",
+    "Session",
+    "SessionConflict",
+    "SessionEngine",
+    "SessionLimitExceeded",
+    "SessionNotFound",
+    "SessionState",
+    "install_uvloop",
+    "run",
+]
+
+__version__ = "0.1.0"

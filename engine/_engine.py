@@ -1,0 +1,867 @@
+"""``SessionEngine``: sessions and chat history on Redis Cluster, one script per operation.
+
+The engine turns tokens, ids and payloads into keys and script arguments, runs exactly one
+script (EVALSHA) per operation through the transport, and turns the replies into models.
+It never touches a socket. Everything it refuses, it refuses before any Redis call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import enum
+import time
+from collections.abc import Collection, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final, Self
+from urllib.parse import unquote
+
+import orjson
+from pydantic import BaseModel
+
+from ._errors import (
+    EngineError,
+    EngineUnavailable,
+    InvalidArgument,
+    PayloadTooLarge,
+    ReplicationIncomplete,
+    ReplyError,
+    SessionConflict,
+    SessionLimitExceeded,
+    SessionNotFound,
+    map_reply_error,
+)
+from ._keys import KeySpace, slot_of_tag
+from ._metrics import Metrics
+from ._models import EngineStats, MissReasons, NewSession, Session, SessionState, build_session
+from ._scripts import Script, scripts
+from ._settings import EngineSettings
+from ._tokens import new_token, parse_token, random_tag, session_id_of
+from ._transport import Transport, TransportOptions, pack
+
+__all__ = ["SessionEngine"]
+
+_MISS_UNKNOWN: Final = 0
+_MISS_EXPIRED: Final = 1
+_MISS_STATE: Final = 2
+# One letter per state in the stored value (see lua/_prelude.lua for the layout).
+_STATE_CODE: Final = {
+    SessionState.ACTIVE: "a",
+    SessionState.PENDING: "p",
+    SessionState.LOCKED: "l",
+}
+_STATE_BY_BYTE: Final = {ord(code): state for state, code in _STATE_CODE.items()}
+_ALL_STATES: Final = "".join(_STATE_CODE.values()).encode()
+_HEADER: Final = 49  # bytes before the owner in a stored session
+_DEFAULT_STATES: Final = frozenset({SessionState.ACTIVE})
+
+
+class _Unset(enum.Enum):
+    UNSET = "unset"
+
+
+_UNSET: Final = _Unset.UNSET
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def _ms_to_dt(ms: float) -> datetime:
+    return datetime.fromtimestamp(ms / 1000.0, tz=UTC)
+
+
+def _states_arg(states: Collection[SessionState]) -> bytes:
+    for s in states:
+        if not isinstance(s, SessionState):
+            raise InvalidArgument(f"states must be SessionState members, not {s!r}")
+    return "".join(sorted(_STATE_CODE[s] for s in states)).encode()
+
+
+class SessionEngine:
+    """The session engine. One per process (or per event loop), shared by all requests.
+
+    Example::
+
+        async with SessionEngine(EngineSettings(url="redis://127.0.0.1:7000")) as eng:
+            new = await eng.create(user_id="u1", data={"role": "admin"})
+            session = await eng.validate(new.token)
+
+    ``__init__`` does no I/O; ``open()`` (or ``async with``) connects, discovers the
+    cluster and loads the scripts; ``aclose()`` is safe to call twice.
+    """
+
+    def __init__(self, settings: EngineSettings | None = None, **overrides: Any) -> None:
+        """Build an engine; nothing is connected until ``open()``.
+
+        Args:
+            settings: The settings; ``EngineSettings()`` (from the environment) if omitted.
+            **overrides: Setting fields that replace those of ``settings``.
+        """
+        if settings is None:
+            settings = EngineSettings(**overrides)
+        elif overrides:
+            settings = EngineSettings(**{**settings.model_dump(), **overrides})
+        self.settings: Final = settings
+        tag_secret = (
+            settings.tag_secret.get_secret_value().encode() if settings.tag_secret else None
+        )
+        self._keys = KeySpace(
+            settings.key_prefix, tag_secret=tag_secret, max_id_bytes=settings.max_id_bytes
+        )
+        self._prefix = settings.key_prefix
+        self._scripts = scripts()
+        self._metrics = Metrics(settings.latency_window)
+        self._transport: Transport | None = None
+        self._state = _State.NEW
+        self._idle_ms = round(settings.idle_ttl * 1000)
+        self._absolute_ms = round(settings.absolute_ttl * 1000)
+        self._slack_ms = str(round(settings.refresh_slack * self._idle_ms)).encode()
+        self._chat_ttl_ms = round(settings.chat_ttl * 1000)
+        self._states_cache: dict[frozenset[SessionState], bytes] = {
+            _DEFAULT_STATES: _states_arg(_DEFAULT_STATES)
+        }
+        self._wait = (
+            pack(("WAIT", settings.wait_replicas, round(settings.wait_timeout * 1000)))
+            if settings.wait_replicas
+            else None
+        )
+        self._default_states = self._states_cache[_DEFAULT_STATES]
+        self._derived: dict[str, tuple[int, str, str]] = {}
+        self._derived_max = settings.token_memo_size
+        v = self._scripts["validate"]
+        self._validate_sha = v.sha
+        self._validate_script = v
+
+    @classmethod
+    def from_url(cls, url: str, **settings_fields: Any) -> SessionEngine:
+        """An engine for ``url`` with the other settings given as keyword arguments."""
+        return cls(EngineSettings(url=url, **settings_fields))
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def open(self) -> Self:
+        """Connect, detect cluster or standalone, load the scripts on every primary."""
+        if self._state is _State.OPEN:
+            return self
+        if self._state is _State.CLOSED:
+            raise EngineError("this engine was closed; make a new one")
+        s = self.settings
+        options = TransportOptions(
+            url=s.url,
+            username=s.username,
+            password=s.password.get_secret_value() if s.password else None,
+            command_timeout=s.command_timeout,
+            connect_timeout=s.connect_timeout,
+            max_inflight_per_node=s.max_inflight_per_node,
+            breaker_failures=s.breaker_failures,
+            breaker_reset=s.breaker_reset,
+        )
+        self._transport = await Transport.open(options, list(self._scripts.values()))
+        self._state = _State.OPEN
+        return self
+
+    async def aclose(self) -> None:
+        """Close the connections. Safe to call more than once."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        if self._transport is not None:
+            await self._transport.aclose()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def transport(self) -> Transport:
+        """The open transport (for tools and tests; applications should not need it)."""
+        if self._transport is None or self._state is not _State.OPEN:
+            raise EngineError("the engine is not open: use `async with SessionEngine(...)`")
+        return self._transport
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.transport.cluster
+
+    @property
+    def keys(self) -> KeySpace:
+        """The key layout (read-only use: tests and tools)."""
+        return self._keys
+
+    # -- helpers ----------------------------------------------------------------------
+
+    async def _run(
+        self,
+        script: Script,
+        tag: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        operation: str,
+        idempotent: bool = True,
+        wait: bool = False,
+    ) -> Any:
+        """Run one script in the slot of ``tag``; map errors; apply ``wait_replicas``."""
+        argv = (b"EVALSHA", script.sha, len(keys), *keys, *args)
+        then = self._wait if wait else None
+        deadline = None
+        if then is not None:
+            deadline = self.transport.deadline(
+                self.settings.command_timeout + self.settings.wait_timeout
+            )
+        try:
+            reply = await self.transport.call(
+                slot_of_tag(tag),
+                pack(argv),
+                script=script,
+                argv=argv,
+                idempotent=idempotent,
+                then=then,
+                deadline=deadline,
+            )
+        except EngineUnavailable:
+            self._metrics.errors += 1
+            raise
+        acked: Any = None
+        if then is not None:
+            reply, acked = reply
+        if type(reply) is ReplyError:
+            raise map_reply_error(reply, operation=operation)
+        if acked is not None:
+            if type(acked) is ReplyError:
+                raise map_reply_error(acked, operation=f"{operation} (WAIT)")
+            wanted = self.settings.wait_replicas
+            if acked < wanted:
+                raise ReplicationIncomplete(
+                    f"{operation}: {acked} of {wanted} replicas acknowledged in time",
+                    acknowledged=acked,
+                    wanted=wanted,
+                )
+            return reply, acked
+        return (reply, None) if wait else reply
+
+    def _encode_data(self, data: Any, limit: int, what: str) -> bytes:
+        if data is None:
+            return b"{}"
+        if isinstance(data, BaseModel):
+            raw = data.model_dump_json().encode()
+        elif isinstance(data, dict):
+            try:
+                raw = orjson.dumps(data)
+            except TypeError as exc:
+                raise InvalidArgument(f"{what} is not JSON-serialisable: {exc}") from exc
+        else:
+            raise InvalidArgument(f"{what} must be a dict or a pydantic model")
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"{what} is {len(raw)} bytes, more than {limit}")
+        return raw
+
+    def _ttl_ms(self, value: float | None, default: int, what: str) -> int:
+        if value is None:
+            return default
+        if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+            raise InvalidArgument(f"{what} must be a positive number of seconds")
+        ms = round(value * 1000)
+        if ms < 1 or ms > 10 * 365 * 86400 * 1000:
+            raise InvalidArgument(f"{what} is out of range")
+        return ms
+
+    @staticmethod
+    def _session(session_id: str, record: Sequence[Any]) -> Session:
+        """A Session from a record reply ``[value, pttl_ms]`` (layout: lua/_prelude.lua)."""
+        v: bytes = record[0]
+        owner, _, data = v[_HEADER:].partition(b"|")
+        user = (unquote(owner.decode()) if b"%" in owner else owner.decode()) if owner else None
+        return build_session(
+            {
+                "session_id": session_id,
+                "user_id": user,
+                "state": _STATE_BY_BYTE[v[0]],
+                "data": orjson.loads(data),
+                "created_at": _ms_to_dt(int(v[26:39])),
+                # The server sent the remaining TTL; the local clock turns it into a time.
+                "expires_at": _ms_to_dt(time.time() * 1000.0 + record[1]),
+                "absolute_expires_at": _ms_to_dt(int(v[1:14])),
+                "version": int(v[39:49]),
+            }
+        )
+
+    def _derive(self, token: object) -> tuple[int, str, str] | None:
+        """``(slot, session_id, key)`` of a token, or ``None`` if it does not parse.
+
+        Pure function of the token, memoised: a live session's token comes back on every
+        request, and parsing + SHA-256 + key building is a third of the client's CPU per
+        validation. The memo holds no validity (Redis is asked every time) and is dropped
+        whole when full, so a flood of random tokens costs nothing but misses.
+        """
+        parsed = parse_token(token)
+        if parsed is None:
+            return None
+        tag, secret = parsed
+        sid = session_id_of(secret)
+        derived = (
+            binascii.crc_hqx(tag.encode(), 0) & 16383,
+            sid,
+            f"{self._prefix}:{{{tag}}}:s:{sid}",
+        )
+        cache = self._derived
+        if self._derived_max:
+            if len(cache) >= self._derived_max:
+                cache.clear()
+            cache[token] = derived  # type: ignore[index]
+        return derived
+
+    def _states(self, states: Collection[SessionState] | None) -> bytes:
+        if states is None:
+            return self._states_cache[_DEFAULT_STATES]
+        key = frozenset(states)
+        arg = self._states_cache.get(key)
+        if arg is None:
+            if not key:
+                raise InvalidArgument("states must not be empty")
+            arg = self._states_cache[key] = _states_arg(key)
+        return arg
+
+    # -- sessions ---------------------------------------------------------------------
+
+    async def create(
+        self,
+        user_id: str | None = None,
+        data: dict[str, Any] | BaseModel | None = None,
+        *,
+        state: SessionState = SessionState.ACTIVE,
+        idle_ttl: float | None = None,
+        absolute_ttl: float | None = None,
+    ) -> NewSession:
+        """Create a session and return its token (the only copy) with the stored session.
+
+        Args:
+            user_id: The owner; ``None`` makes an anonymous session (random slot).
+            data: JSON-serialisable dict or a pydantic model (stored as its JSON).
+            state: Initial state.
+            idle_ttl: Override of the setting, seconds.
+            absolute_ttl: Override of the setting, seconds. The idle TTL never runs past it.
+
+        Raises:
+            InvalidArgument: bad user id, state or TTL. PayloadTooLarge: data too large.
+            SessionLimitExceeded: the user is at ``max_sessions_per_user`` and the policy
+                is ``refuse``. EngineUnavailable: Redis did not confirm the write.
+            ReplicationIncomplete: ``wait_replicas`` not met (the session exists).
+        """
+        if not isinstance(state, SessionState):
+            raise InvalidArgument(f"state must be a SessionState, not {state!r}")
+        raw = self._encode_data(data, self.settings.max_payload_bytes, "data")
+        idle = self._ttl_ms(idle_ttl, self._idle_ms, "idle_ttl")
+        absolute = self._ttl_ms(absolute_ttl, self._absolute_ms, "absolute_ttl")
+        if user_id is None:
+            tag = random_tag()
+            user_enc = ""
+        else:
+            self._keys.check_id(user_id, "user_id")
+            tag = self._keys.user_tag(user_id)
+            user_enc = self._keys.encode_id(user_id)
+        return await self._create(tag, user_id, user_enc, _STATE_CODE[state], raw, idle, absolute)
+
+    async def _create(
+        self,
+        tag: str,
+        user_id: str | None,
+        user_enc: str,
+        state: str,
+        raw: bytes,
+        idle: int,
+        absolute: int,
+    ) -> NewSession:
+        # The token exists before the first try, so a retry after a lost connection finds
+        # its own key and returns it: create is idempotent.
+        token = new_token(tag)
+        sid = session_id_of(token[len(tag) + 1 :])
+        keys = [self._keys.session(tag, sid)]
+        if user_id is not None:
+            keys.append(self._keys.user_index(tag, user_id))
+        policy = "evict" if self.settings.session_limit_policy == "evict_oldest" else "refuse"
+        reply, acked = await self._run(
+            self._scripts["create"],
+            tag,
+            keys,
+            (
+                sid,
+                user_enc,
+                state,
+                raw,
+                idle,
+                absolute,
+                self.settings.max_sessions_per_user,
+                policy,
+                self._keys.base(tag),
+            ),
+            operation="create",
+            wait=True,
+        )
+        if reply == -1:
+            raise SessionLimitExceeded(
+                f"user already has {self.settings.max_sessions_per_user} sessions"
+            )
+        return NewSession(
+            token=token, session=self._session(sid, reply), replicas_acknowledged=acked
+        )
+
+    async def validate(
+        self, token: str, states: Collection[SessionState] | None = None
+    ) -> Session | None:
+        """THE hot path: is this a live session in an allowed state? Refreshes its idle TTL.
+
+        One EVALSHA on one node. Returns ``None`` for anything that is not a live session
+        in one of ``states`` (default ``{ACTIVE}``), including tokens that do not parse
+        (those never reach Redis).
+
+        Raises:
+            EngineUnavailable: Redis did not answer in time. Never "valid" by default.
+        """
+        t0 = time.perf_counter()
+        m = self._metrics
+        m.validations += 1
+        derived = self._derived.get(token) or self._derive(token)
+        if derived is None:
+            m.miss_malformed += 1
+            return None
+        slot, sid, key = derived
+        argv = (
+            b"EVALSHA",
+            self._validate_sha,
+            b"1",
+            key,
+            self._states(states) if states is not None else self._default_states,
+            b"1",
+            self._slack_ms,
+        )
+        try:
+            reply = await self.transport.call(
+                slot,
+                pack(argv),
+                script=self._validate_script,
+                argv=argv,
+            )
+        except EngineUnavailable:
+            m.errors += 1
+            raise
+        m.latency((time.perf_counter() - t0) * 1000.0)
+        return self._validated(sid, reply)
+
+    def _validated(self, sid: str, reply: Any) -> Session | None:
+        m = self._metrics
+        if type(reply) is list:
+            m.hits += 1
+            return self._session(sid, reply)
+        if reply == _MISS_UNKNOWN:
+            m.miss_unknown += 1
+        elif reply == _MISS_EXPIRED:
+            m.miss_expired += 1
+        elif reply == _MISS_STATE:
+            m.miss_state += 1
+        elif type(reply) is ReplyError:
+            m.errors += 1
+            raise map_reply_error(reply, operation="validate")
+        return None
+
+    async def validate_many(
+        self, tokens: Iterable[str], states: Collection[SessionState] | None = None
+    ) -> list[Session | None]:
+        """Validate many tokens at once: one pipelined round per node, results in order.
+
+        Raises:
+            EngineUnavailable: if any token's node did not answer in time (fail closed:
+                a partial answer could hide a revoked session as "unknown").
+        """
+        states_arg = self._states(states)
+        sha = self._validate_sha
+        slack = self._slack_ms
+        m = self._metrics
+        out: list[Session | None] = []
+        sids: list[str | None] = []
+        items: list[tuple[int, bytes, tuple[Any, ...]]] = []
+        positions: list[int] = []
+        derived_cache = self._derived
+        derive = self._derive
+        for tok in tokens:
+            out.append(None)
+            derived = derived_cache.get(tok) if type(tok) is str else None
+            if derived is None:
+                derived = derive(tok)
+                if derived is None:
+                    m.miss_malformed += 1
+                    sids.append(None)
+                    continue
+            slot, sid, key = derived
+            argv = (b"EVALSHA", sha, b"1", key, states_arg, b"1", slack)
+            items.append((slot, pack(argv), argv))
+            positions.append(len(out) - 1)
+            sids.append(sid)
+        m.validations += len(out)
+        if not items:
+            return out
+        replies = await self.transport.call_many(items, script=self._validate_script)
+        failed = next((r for r in replies if isinstance(r, EngineUnavailable)), None)
+        if failed is not None:
+            m.errors += 1
+            raise EngineUnavailable(f"validate_many: {failed}") from failed
+        for pos, reply in zip(positions, replies, strict=True):
+            sid_ = sids[pos]
+            assert sid_ is not None
+            out[pos] = self._validated(sid_, reply)
+        return out
+
+    async def get(self, token: str) -> Session | None:
+        """Read a session in any state without refreshing it; ``None`` if not live."""
+        parsed = parse_token(token)
+        if parsed is None:
+            return None
+        tag, secret = parsed
+        sid = session_id_of(secret)
+        reply = await self._run(
+            self._validate_script,
+            tag,
+            [self._keys.session(tag, sid)],
+            (_ALL_STATES, b"0", b"0"),
+            operation="get",
+        )
+        return self._session(sid, reply) if type(reply) is list else None
+
+    async def update(
+        self,
+        token: str,
+        data: dict[str, Any] | BaseModel | _Unset | None = _UNSET,
+        state: SessionState | None = None,
+        expected_version: int | None = None,
+    ) -> Session:
+        """Replace a live session's data and/or state; compare-and-set on ``version``.
+
+        Raises:
+            SessionNotFound: the session is gone (or the token is malformed).
+            SessionConflict: ``expected_version`` is not the stored version.
+            PayloadTooLarge / InvalidArgument: refused before any write.
+        """
+        parsed = parse_token(token)
+        if parsed is None:
+            raise SessionNotFound("no such session")
+        if state is not None and not isinstance(state, SessionState):
+            raise InvalidArgument(f"state must be a SessionState, not {state!r}")
+        if expected_version is not None and (
+            not isinstance(expected_version, int) or expected_version < 0
+        ):
+            raise InvalidArgument("expected_version must be a non-negative int")
+        has_data = data is not _UNSET
+        raw = (
+            self._encode_data(data, self.settings.max_payload_bytes, "data")
+            if not isinstance(data, _Unset)
+            else b""
+        )
+        tag, secret = parsed
+        sid = session_id_of(secret)
+        reply = await self._run(
+            self._scripts["update"],
+            tag,
+            [self._keys.session(tag, sid)],
+            (
+                b"1" if has_data else b"0",
+                raw,
+                _STATE_CODE[state] if state is not None else "",
+                -1 if expected_version is None else expected_version,
+            ),
+            operation="update",
+            # Not idempotent: a blind resend after a lost connection could apply twice.
+            idempotent=False,
+        )
+        if reply == 0:
+            raise SessionNotFound("no such session")
+        if reply[0] == b"conflict":
+            raise SessionConflict(
+                f"version is {reply[1]}, not {expected_version}", current_version=int(reply[1])
+            )
+        return self._session(sid, reply)
+
+    async def rotate(self, token: str, user_id: str | None = None) -> NewSession:
+        """Issue a new token for a live session; the old token stops working at once.
+
+        With ``user_id`` (login of an anonymous session, or a change of owner) the session
+        moves to that user's slot: it is taken from the old slot and created in the new one
+        with its data and state (two scripts; if the second fails, the session is gone,
+        never duplicated). Without, or with the same owner, it is one script.
+
+        Raises:
+            SessionNotFound: the old session is not live.
+        """
+        parsed = parse_token(token)
+        if parsed is None:
+            raise SessionNotFound("no such session")
+        tag, secret = parsed
+        old_sid = session_id_of(secret)
+        if user_id is not None:
+            self._keys.check_id(user_id, "user_id")
+            new_tag = self._keys.user_tag(user_id)
+        else:
+            new_tag = tag
+        if new_tag == tag:
+            owner = self._keys.encode_id(user_id) if user_id is not None else ""
+            return await self._rotate_in_slot(tag, old_sid, owner)
+        # Different slot: take (delete and read) first, so the old token is dead before the
+        # new one exists; a failure in between logs the user out rather than cloning.
+        taken = await self._run(
+            self._scripts["revoke"],
+            tag,
+            [self._keys.session(tag, old_sid)],
+            (old_sid, self._keys.base(tag), ""),
+            operation="rotate",
+            wait=True,
+        )
+        record = taken[0]
+        if record == 0:
+            raise SessionNotFound("no such session")
+        assert user_id is not None
+        # A login is a privilege change: the session starts a new life in the user's slot
+        # (new absolute deadline), keeping its data, state and idle ttl.
+        value: bytes = record[0]
+        return await self._create(
+            new_tag,
+            user_id,
+            self._keys.encode_id(user_id),
+            value[0:1].decode(),
+            value[_HEADER:].partition(b"|")[2],
+            int(value[14:26]),
+            self._absolute_ms,
+        )
+
+    async def _rotate_in_slot(self, tag: str, old_sid: str, owner: str) -> NewSession:
+        token = new_token(tag)
+        sid = session_id_of(token[len(tag) + 1 :])
+        reply, acked = await self._run(
+            self._scripts["rotate"],
+            tag,
+            [self._keys.session(tag, old_sid), self._keys.session(tag, sid)],
+            (old_sid, sid, self._keys.base(tag), owner),
+            operation="rotate",
+            # Not idempotent: after a lost connection the old session may already be gone.
+            idempotent=False,
+            wait=True,
+        )
+        if reply == 0:
+            raise SessionNotFound("no such session")
+        return NewSession(
+            token=token, session=self._session(sid, reply), replicas_acknowledged=acked
+        )
+
+    async def revoke(self, token: str) -> bool:
+        """Delete a session. ``True`` if a live session was deleted; never resurrects.
+
+        Raises:
+            EngineUnavailable: not confirmed; the session may still be live. Retry.
+        """
+        parsed = parse_token(token)
+        if parsed is None:
+            return False
+        tag, secret = parsed
+        sid = session_id_of(secret)
+        return await self._revoke(tag, sid, "")
+
+    async def _revoke(self, tag: str, sid: str, owner: str) -> bool:
+        reply, _ = await self._run(
+            self._scripts["revoke"],
+            tag,
+            [self._keys.session(tag, sid)],
+            (sid, self._keys.base(tag), owner),
+            operation="revoke",
+            wait=True,
+        )
+        return bool(reply != 0)
+
+    async def revoke_session_id(self, user_id: str, session_id: str) -> bool:
+        """Revoke one of ``user_id``'s sessions by its public id (a "log out that device")."""
+        self._keys.check_id(user_id, "user_id")
+        if not isinstance(session_id, str) or len(session_id) != 22:
+            return False
+        if not all(c.isalnum() or c in "-_" for c in session_id) or not session_id.isascii():
+            return False
+        tag = self._keys.user_tag(user_id)
+        return await self._revoke(tag, session_id, self._keys.encode_id(user_id))
+
+    async def revoke_user(self, user_id: str, except_token: str | None = None) -> int:
+        """Delete every session of a user (but ``except_token``'s), atomically.
+
+        With ``chat_owned_by_sessions`` also deletes the user's chat histories.
+        Returns the number of live sessions deleted.
+        """
+        self._keys.check_id(user_id, "user_id")
+        tag = self._keys.user_tag(user_id)
+        keep = ""
+        if except_token is not None:
+            parsed = parse_token(except_token)
+            if parsed is not None and parsed[0] == tag:
+                keep = session_id_of(parsed[1])
+        reply, _ = await self._run(
+            self._scripts["revoke_user"],
+            tag,
+            [self._keys.user_index(tag, user_id), self._keys.user_rooms(tag, user_id)],
+            (
+                self._keys.base(tag),
+                keep,
+                b"1" if self.settings.chat_owned_by_sessions else b"0",
+                self._keys.encode_id(user_id),
+            ),
+            operation="revoke_user",
+            wait=True,
+        )
+        return int(reply)
+
+    async def list_user_sessions(self, user_id: str) -> list[Session]:
+        """The user's live sessions, oldest deadline first. One script; prunes the index."""
+        self._keys.check_id(user_id, "user_id")
+        tag = self._keys.user_tag(user_id)
+        reply = await self._run(
+            self._scripts["list_user"],
+            tag,
+            [self._keys.user_index(tag, user_id)],
+            (self._keys.base(tag),),
+            operation="list_user_sessions",
+        )
+        return [
+            self._session(reply[i].decode(), reply[i + 1 : i + 3]) for i in range(0, len(reply), 3)
+        ]
+
+    # -- chat history -----------------------------------------------------------------
+
+    async def chat_append(
+        self, user_id: str, room_id: str, message: dict[str, Any] | BaseModel
+    ) -> int:
+        """Append a message to a user's chat history in a room; returns the new length.
+
+        The history keeps the newest ``chat_max_messages`` and expires ``chat_ttl``
+        seconds after the last append. Not retried after a lost connection (it could
+        append twice); raises ``EngineUnavailable`` instead.
+
+        Raises:
+            SessionNotFound: ``chat_owned_by_sessions`` is set and the user has no live
+                session.
+        """
+        self._keys.check_id(user_id, "user_id")
+        self._keys.check_id(room_id, "room_id")
+        raw = self._encode_data(message, self.settings.chat_max_message_bytes, "message")
+        tag = self._keys.user_tag(user_id)
+        reply = await self._run(
+            self._scripts["chat_append"],
+            tag,
+            [
+                self._keys.chat(tag, user_id, room_id),
+                self._keys.user_rooms(tag, user_id),
+                self._keys.user_index(tag, user_id),
+            ],
+            (
+                raw,
+                self.settings.chat_max_messages,
+                self._chat_ttl_ms,
+                self._keys.encode_id(room_id),
+                b"1" if self.settings.chat_owned_by_sessions else b"0",
+                self._keys.base(tag),
+            ),
+            operation="chat_append",
+            idempotent=False,
+        )
+        if reply == -1:
+            raise SessionNotFound(f"user {user_id!r} has no live session")
+        return int(reply)
+
+    async def chat_history(self, user_id: str, room_id: str, limit: int = 50) -> list[Any]:
+        """The newest ``limit`` messages, oldest first."""
+        self._keys.check_id(user_id, "user_id")
+        self._keys.check_id(room_id, "room_id")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise InvalidArgument("limit must be a positive int")
+        limit = min(limit, self.settings.chat_max_messages)
+        tag = self._keys.user_tag(user_id)
+        reply = await self.transport.call(
+            slot_of_tag(tag), pack(("LRANGE", self._keys.chat(tag, user_id, room_id), -limit, -1))
+        )
+        if type(reply) is ReplyError:
+            raise map_reply_error(reply, operation="chat_history")
+        return [orjson.loads(m) for m in reply]
+
+    async def chat_clear(self, user_id: str, room_id: str) -> None:
+        """Delete one chat history."""
+        self._keys.check_id(user_id, "user_id")
+        self._keys.check_id(room_id, "room_id")
+        tag = self._keys.user_tag(user_id)
+        reply = await self.transport.call(
+            slot_of_tag(tag), pack(("DEL", self._keys.chat(tag, user_id, room_id)))
+        )
+        if type(reply) is ReplyError:
+            raise map_reply_error(reply, operation="chat_clear")
+
+    # -- stats ------------------------------------------------------------------------
+
+    async def stats(self) -> EngineStats:
+        """Counters of this engine, latency percentiles, and the cluster's size.
+
+        ``active_sessions`` is exact when a primary holds at most ``2 x stats_samples``
+        keys (counted with SCAN) and estimated from ``stats_samples`` RANDOMKEY samples
+        times DBSIZE otherwise, so its cost does not grow with the keyspace.
+        """
+        m = self._metrics
+        p50, p99 = m.percentiles(50, 99)
+        primaries = self.transport.primaries()
+        results = await asyncio.gather(*(self._node_stats(n) for n in primaries))
+        memory = {n.name: mem for n, (_, mem) in zip(primaries, results, strict=True)}
+        return EngineStats(
+            validations=m.validations,
+            hits=m.hits,
+            misses=MissReasons(
+                unknown=m.miss_unknown,
+                expired=m.miss_expired,
+                state=m.miss_state,
+                malformed=m.miss_malformed,
+            ),
+            hit_rate=(m.hits / m.validations) if m.validations else 0.0,
+            errors=m.errors,
+            latency_p50_ms=p50,
+            latency_p99_ms=p99,
+            active_sessions=sum(count for count, _ in results),
+            used_memory_bytes=memory,
+            primaries=len(primaries),
+            mode="cluster" if self.transport.cluster else "standalone",
+        )
+
+    def _is_session_key(self, key: bytes) -> bool:
+        head = f"{self._prefix}:{{".encode()
+        return key.startswith(head) and b"}:s:" in key
+
+    async def _node_stats(self, node: Any) -> tuple[int, int]:
+        t = self.transport
+        info = await t.call_node(node, "INFO", "memory")
+        memory = 0
+        for line in info.split(b"\r\n"):
+            if line.startswith(b"used_memory:"):
+                memory = int(line.split(b":", 1)[1])
+                break
+        size = int(await t.call_node(node, "DBSIZE"))
+        samples = self.settings.stats_samples
+        if size == 0:
+            return 0, memory
+        if size <= 2 * samples:
+            count, cursor = 0, b"0"
+            pattern = self._keys.session_pattern()
+            while True:
+                cursor, keys = await t.call_node(
+                    node, "SCAN", cursor, "MATCH", pattern, "COUNT", 1000, "TYPE", "string"
+                )
+                count += len(keys)
+                if cursor == b"0":
+                    return count, memory
+        replies = await t.call_node_many(node, [("RANDOMKEY",)] * samples)
+        keys = [k for k in replies if isinstance(k, bytes)]
+        if not keys:
+            return 0, memory
+        hits = sum(1 for k in keys if self._is_session_key(k))
+        return round(size * hits / len(keys)), memory

@@ -1,0 +1,97 @@
+"""The one error tree of the engine.
+
+Every error the engine raises on purpose is an ``EngineError``::
+
+    EngineError
+    ├── EngineUnavailable        Redis did not answer in time, a node is down, the cluster
+    │                            is failing over: the answer is unknown, so fail closed
+    │                            (a web service turns this into 503, never into "valid").
+    ├── InvalidArgument          a user id, room id, TTL or token argument the engine refuses
+    │   └── PayloadTooLarge      session data or a chat message over its configured size
+    ├── SessionNotFound          the session is gone (expired, revoked, never existed)
+    ├── SessionConflict          compare-and-set on ``version`` lost the race
+    ├── SessionLimitExceeded     the user has ``max_sessions_per_user`` live sessions and
+    │                            the limit policy is ``refuse``
+    └── ReplicationIncomplete    ``wait_replicas`` is set and fewer replicas than asked
+                                 acknowledged a write within ``wait_timeout`` (the write
+                                 itself happened on the primary)
+
+Errors of the library below (redis-py, sockets, hiredis) are mapped to this tree in one
+place, ``map_reply_error`` and the transport, always with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EngineError",
+    "EngineUnavailable",
+    "InvalidArgument",
+    "PayloadTooLarge",
+    "ReplicationIncomplete",
+    "SessionConflict",
+    "SessionLimitExceeded",
+    "SessionNotFound",
+]
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class EngineUnavailable(EngineError):
+    """Redis could not give an answer within the call's deadline.
+
+    The outcome of a write that raised this is unknown; a read that raised it checked
+    nothing. Callers must fail closed.
+    """
+
+
+class InvalidArgument(EngineError, ValueError):
+    """An argument the engine refuses before any Redis call."""
+
+
+class PayloadTooLarge(InvalidArgument):
+    """Session data or a chat message is larger than its configured limit."""
+
+
+class SessionNotFound(EngineError, LookupError):
+    """The session does not exist any more (or never did)."""
+
+
+class SessionConflict(EngineError):
+    """``expected_version`` did not match the stored version."""
+
+    def __init__(self, message: str, *, current_version: int | None = None) -> None:
+        super().__init__(message)
+        self.current_version = current_version
+
+
+class SessionLimitExceeded(EngineError):
+    """The user already has the maximum number of sessions and the policy refuses more."""
+
+
+class ReplyError(Exception):
+    """An error reply from Redis, as parsed by hiredis. Internal: carried as a value by the
+    transport, never raised to callers (``map_reply_error`` turns it into an EngineError)."""
+
+
+def map_reply_error(reply: ReplyError, *, operation: str) -> EngineError:
+    """The one place where a Redis error reply becomes an engine error."""
+    message = str(reply)
+    kind = message.split(" ", 1)[0]
+    if kind in ("OOM", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "BUSY"):
+        # The server could not do it now; the answer is unknown: fail closed.
+        return EngineUnavailable(f"{operation}: {message}")
+    return EngineError(f"{operation}: unexpected Redis error: {message}")
+
+
+class ReplicationIncomplete(EngineError):
+    """Fewer replicas than ``wait_replicas`` acknowledged a write in time.
+
+    The write is applied on the primary; it may be lost if that primary fails now.
+    """
+
+    def __init__(self, message: str, *, acknowledged: int, wanted: int) -> None:
+        super().__init__(message)
+        self.acknowledged = acknowledged
+        self.wanted = wanted

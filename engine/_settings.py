@@ -1,0 +1,108 @@
+"""Engine settings: frozen, typed, read from ``ENGINE_*`` environment variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["EngineSettings"]
+
+
+class EngineSettings(BaseSettings):
+    """Everything the engine can be told, with production defaults.
+
+    ``EngineSettings()`` alone reads ``ENGINE_URL``, ``ENGINE_IDLE_TTL`` and so on from the
+    environment. Instances are frozen: build a new one with ``model_copy(update=...)``.
+    Durations are seconds (floats allowed); the engine works in milliseconds inside.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ENGINE_", frozen=True, extra="forbid")
+
+    url: str = Field(
+        default="redis://127.0.0.1:6379",
+        description="One node of the cluster, or the single server. Cluster mode is detected.",
+    )
+    username: str | None = None
+    password: SecretStr | None = None
+
+    idle_ttl: float = Field(default=1800.0, gt=0, description="Sliding idle timeout.")
+    absolute_ttl: float = Field(default=86400.0, gt=0, description="Hard lifetime cap.")
+    refresh_slack: float = Field(
+        default=0.05,
+        ge=0,
+        le=0.1,
+        description=(
+            "Lazy refresh: validate rewrites the TTL only once it has fallen more than this "
+            "fraction of idle_ttl below idle_ttl, so most validations write (and replicate) "
+            "nothing. At most 0.1, so a validated session stays valid >= 0.9 x idle_ttl."
+        ),
+    )
+
+    max_sessions_per_user: int = Field(default=100, ge=1, le=100_000)
+    session_limit_policy: Literal["evict_oldest", "refuse"] = "evict_oldest"
+    max_payload_bytes: int = Field(default=16384, ge=2, le=64 * 1024 * 1024)
+    max_id_bytes: int = Field(default=256, ge=1, le=4096, description="User and room ids.")
+
+    chat_max_messages: int = Field(default=200, ge=1, le=1_000_000)
+    chat_max_message_bytes: int = Field(default=4096, ge=2, le=16 * 1024 * 1024)
+    chat_ttl: float = Field(default=7 * 86400.0, gt=0)
+    chat_owned_by_sessions: bool = Field(
+        default=False,
+        description=(
+            "revoke_user also deletes the user's chat histories, and chat_append refuses "
+            "when the user has no live session (so a revoked user's chat keys are never "
+            "recreated)."
+        ),
+    )
+
+    key_prefix: str = Field(
+        default="se", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$"
+    )
+    tag_secret: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Key for the user-id -> routing tag hash. Set it so nobody can pick user ids that "
+            "all land in one hash slot. Changing it orphans existing sessions."
+        ),
+    )
+
+    command_timeout: float = Field(
+        default=1.0, gt=0, description="One deadline per call, covering all its retries."
+    )
+    connect_timeout: float = Field(default=1.0, gt=0)
+    max_inflight_per_node: int = Field(
+        default=20_000, ge=16, description="Back-pressure: commands awaiting replies per node."
+    )
+    breaker_failures: int = Field(
+        default=3,
+        ge=1,
+        description="Consecutive connection failures or timeouts that open a node's breaker.",
+    )
+    breaker_reset: float = Field(
+        default=0.25, gt=0, description="First half-open probe delay; doubles up to 2 s."
+    )
+
+    wait_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="create/rotate/revoke send WAIT n after the script on the same connection.",
+    )
+    wait_timeout: float = Field(default=0.5, gt=0)
+
+    token_memo_size: int = Field(
+        default=65_536,
+        ge=0,
+        description="Tokens whose slot and key are memoised (parsing + SHA-256 skipped).",
+    )
+    latency_window: int = Field(default=10_000, ge=100, description="Calls kept for p50/p99.")
+    stats_samples: int = Field(
+        default=1024, ge=64, description="RANDOMKEY samples per primary for active_sessions."
+    )
+
+    @model_validator(mode="after")
+    def _absolute_covers_idle(self) -> EngineSettings:
+        if self.absolute_ttl < self.idle_ttl:
+            raise ValueError("absolute_ttl must be >= idle_ttl")
+        return self

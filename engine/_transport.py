@@ -1,0 +1,804 @@
+"""Auto-pipelining transport for Redis Cluster and single Redis servers.
+
+The transport knows slots, nodes and the RESP protocol; it does not know what a session is.
+
+How a command travels::
+
+    call(slot, packed)            packed = one RESP command (hiredis.pack_command)
+      -> node = slot map[slot]    one long-lived connection per node
+      -> conn.send(packed)        appended to the connection's write buffer; the first
+                                  command of a loop tick schedules one flush, so every
+                                  command issued in the same tick for that node goes out
+                                  in ONE write()  (implicit pipelining)
+      <- data_received            hiredis parses replies, matched to waiters in order
+      -> redirects and retries    MOVED: fix that slot, retry at once (a burst of MOVED
+                                  triggers one topology refresh); ASK: ASKING + command on
+                                  the target's connection; TRYAGAIN / CLUSTERDOWN / LOADING:
+                                  backoff with jitter; NOSCRIPT: EVAL with the source once
+
+Every call carries one deadline covering all its retries. A watchdog (one timer for the
+whole transport, not one per call) fails commands whose deadline passed. A node whose
+connection is refused, or that lets several timeouts pass without answering anything,
+gets its circuit breaker opened: calls to its slots fail at once with ``EngineUnavailable``
+until a half-open probe (connect + PING) succeeds, and the slot map is refreshed meanwhile,
+so a promoted replica takes over without restarting anything. Calls to other nodes never
+wait behind a dead one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, cast
+from urllib.parse import unquote, urlparse
+
+import hiredis
+
+from ._errors import EngineUnavailable, InvalidArgument, ReplyError
+from ._keys import SLOTS
+from ._scripts import Script
+
+__all__ = ["ReplyError", "Transport", "TransportOptions", "pack"]
+
+# hiredis's stubs type the argument as a 1-tuple; it takes any tuple of str/bytes/numbers.
+pack: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
+
+_WATCHDOG_INTERVAL: Final = 0.01
+_MOVED_BURST: Final = 8  # MOVED replies within _MOVED_WINDOW that justify a full refresh
+_MOVED_WINDOW: Final = 0.1
+_REFRESH_MIN_INTERVAL: Final = 0.1
+_BACKGROUND_REFRESH: Final = 5.0
+_BACKOFF_BASE: Final = 0.005
+_BACKOFF_CAP: Final = 0.2
+_BREAKER_CAP: Final = 2.0
+_BULK_CHUNK: Final = 2000  # commands enqueued before yielding to the loop in bulk calls
+
+
+class ConnectionLost(Exception):
+    """The connection went away before the reply came: the command may or may not have run."""
+
+
+class CommandTimeout(Exception):
+    """The deadline passed before the reply came."""
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class TransportOptions:
+    """What the transport needs to know; built from ``EngineSettings`` by the engine."""
+
+    url: str
+    username: str | None = None
+    password: str | None = None
+    command_timeout: float = 1.0
+    connect_timeout: float = 1.0
+    max_inflight_per_node: int = 20_000
+    breaker_failures: int = 3
+    breaker_reset: float = 0.25
+
+
+_Entry = tuple["asyncio.Future[Any] | None", float]
+
+
+class _Connection(asyncio.Protocol):
+    """One multiplexed connection: FIFO of waiters, coalesced writes, hiredis parser."""
+
+    def __init__(self, node: _Node, loop: asyncio.AbstractEventLoop, max_inflight: int) -> None:
+        self.node = node
+        self.loop = loop
+        self.pending: deque[_Entry] = deque()
+        self.min_deadline = float("inf")  # lower bound of pending deadlines (may be stale-low)
+        self.replied = False  # a reply arrived since the watchdog last looked
+        self.alive = False
+        self._transport: asyncio.Transport | None = None
+        self._reader = hiredis.Reader(replyError=ReplyError)
+        self._wbuf: list[bytes] = []
+        self._flush_scheduled = False
+        self._max_inflight = max_inflight
+        self._low_water = max_inflight // 2
+        self._room_waiters: list[asyncio.Future[None]] = []
+        self.closed_waiter: asyncio.Future[None] = loop.create_future()
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        self.alive = True
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        pending = self.pending
+        try:
+            while (reply := reader.gets()) is not False:
+                fut = pending.popleft()[0]
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+        except (hiredis.ProtocolError, IndexError) as exc:
+            # A reply we cannot parse, or one nobody asked for: the stream is out of step.
+            self.abort(ConnectionLost(f"protocol error from {self.node.name}: {exc!r}"))
+            return
+        self.replied = True
+        if self._room_waiters and len(pending) <= self._low_water:
+            self._wake_room_waiters()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        self._fail_all(ConnectionLost(f"connection to {self.node.name} lost: {exc!r}"))
+        if not self.closed_waiter.done():
+            self.closed_waiter.set_result(None)
+        self.node.connection_lost(self)
+
+    # -- sending ----------------------------------------------------------------------
+
+    def send(self, packed: bytes, deadline: float) -> asyncio.Future[Any]:
+        """Queue one command; the returned future gets the reply (errors as values)."""
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        self.pending.append((fut, deadline))
+        self.min_deadline = min(self.min_deadline, deadline)
+        self._wbuf.append(packed)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return fut
+
+    def send_discard(self, packed: bytes, deadline: float) -> None:
+        """Queue a command whose reply nobody needs (ASKING)."""
+        self.pending.append((None, deadline))
+        self._wbuf.append(packed)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._wbuf and self._transport is not None and self.alive:
+            data = b"".join(self._wbuf)
+            self._wbuf.clear()
+            self._transport.write(data)
+
+    @property
+    def full(self) -> bool:
+        return len(self.pending) >= self._max_inflight
+
+    async def wait_for_room(self, deadline: float) -> None:
+        """Back-pressure: wait until in-flight commands fall to the low-water mark."""
+        while self.full and self.alive:
+            fut: asyncio.Future[None] = self.loop.create_future()
+            self._room_waiters.append(fut)
+            left = deadline - self.loop.time()
+            if left <= 0:
+                raise CommandTimeout("no room on the connection before the deadline")
+            try:
+                await asyncio.wait_for(fut, left)
+            except TimeoutError as exc:
+                raise CommandTimeout("no room on the connection before the deadline") from exc
+
+    def _wake_room_waiters(self) -> None:
+        waiters, self._room_waiters = self._room_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    # -- failure ----------------------------------------------------------------------
+
+    def expire(self, now: float) -> int:
+        """Fail every waiter whose deadline passed; returns how many. Entries stay queued
+        (their replies, if they ever come, are matched and dropped)."""
+        expired = 0
+        low = float("inf")
+        for fut, deadline in self.pending:
+            if deadline <= now:
+                if fut is not None and not fut.done():
+                    fut.set_exception(CommandTimeout(f"{self.node.name} did not answer in time"))
+                    expired += 1
+            elif deadline < low:
+                low = deadline
+        self.min_deadline = low
+        return expired
+
+    def _fail_all(self, exc: Exception) -> None:
+        pending, self.pending = self.pending, deque()
+        self.min_deadline = float("inf")
+        self._wbuf.clear()
+        for fut, _ in pending:
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+        self._wake_room_waiters()
+
+    def abort(self, exc: Exception) -> None:
+        """Drop the connection now, failing only this connection's in-flight commands."""
+        self.alive = False
+        self._fail_all(exc)
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class _Node:
+    """A Redis node: its connection, its circuit breaker, its scripts."""
+
+    def __init__(self, owner: Transport, host: str, port: int) -> None:
+        self.owner = owner
+        self.host = host
+        self.port = port
+        self.name = f"{host}:{port}"
+        self.conn: _Connection | None = None
+        self.connecting: asyncio.Task[_Connection] | None = None
+        self.failures = 0
+        self.open_until = 0.0  # breaker: fail fast until this loop time
+        self.reset_delay = owner.options.breaker_reset
+        self.timeouts_in_row = 0
+
+    def breaker_open(self, now: float) -> bool:
+        return self.open_until > now
+
+    def trip(self, now: float) -> None:
+        """Open the breaker: fail fast until a probe is due, with exponential backoff."""
+        jitter = random.uniform(0.8, 1.2)
+        self.open_until = now + self.reset_delay * jitter
+        self.reset_delay = min(self.reset_delay * 2, _BREAKER_CAP)
+
+    def healthy(self) -> None:
+        self.failures = 0
+        self.timeouts_in_row = 0
+        self.open_until = 0.0
+        self.reset_delay = self.owner.options.breaker_reset
+
+    def connection_lost(self, conn: _Connection) -> None:
+        if self.conn is conn:
+            self.conn = None
+            if not self.owner.closing:
+                self.owner.request_refresh()
+
+    async def connection(self, deadline: float) -> _Connection:
+        """The live connection, connecting (once, shared by all callers) if needed."""
+        conn = self.conn
+        if conn is not None and conn.alive:
+            return conn
+        loop = self.owner.loop
+        if self.breaker_open(loop.time()):
+            # Ask the cluster who serves these slots now: a replica may have been promoted.
+            self.owner.request_refresh()
+            raise EngineUnavailable(f"node {self.name} is down (circuit open)")
+        if self.connecting is None:
+            self.connecting = loop.create_task(self._connect())
+        elif self.failures:
+            # A half-open probe is under way: others fail fast rather than queue behind it.
+            raise EngineUnavailable(f"node {self.name} is down (probing)")
+        task = self.connecting
+        left = deadline - loop.time()
+        if left <= 0:
+            raise EngineUnavailable(f"deadline passed while connecting to {self.name}")
+        done, _ = await asyncio.wait({task}, timeout=left)
+        if not done:
+            raise EngineUnavailable(f"timed out connecting to {self.name}")
+        try:
+            return task.result()
+        except EngineUnavailable:
+            raise
+        except Exception as exc:  # pragma: no cover - _connect maps its errors
+            raise EngineUnavailable(f"cannot connect to {self.name}: {exc!r}") from exc
+
+    async def _connect(self) -> _Connection:
+        owner = self.owner
+        loop = owner.loop
+        opts = owner.options
+        try:
+            try:
+                _, conn = await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: _Connection(self, loop, opts.max_inflight_per_node),
+                        self.host,
+                        self.port,
+                    ),
+                    opts.connect_timeout,
+                )
+                # The handshake doubles as the half-open probe: a SIGSTOPped server accepts
+                # TCP connections (the kernel does) but never answers this.
+                deadline = loop.time() + opts.connect_timeout
+                futs = [conn.send(cmd, deadline) for cmd in owner.handshake]
+                for fut in futs:
+                    reply = await asyncio.wait_for(fut, opts.connect_timeout)
+                    if isinstance(reply, ReplyError):
+                        conn.abort(ConnectionLost(str(reply)))
+                        raise EngineUnavailable(f"{self.name} refused the handshake: {reply}")
+            except (OSError, TimeoutError, ConnectionLost, CommandTimeout) as exc:
+                self.failures += 1
+                self.trip(loop.time())
+                owner.request_refresh()
+                raise EngineUnavailable(f"cannot connect to {self.name}: {exc!r}") from exc
+            self.conn = conn
+            self.healthy()
+            return conn
+        finally:
+            self.connecting = None
+
+    def close(self) -> None:
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.conn is not None:
+            self.conn.abort(ConnectionLost("transport closed"))
+            self.conn = None
+
+
+def _backoff(attempt: int) -> float:
+    return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * (2**attempt)))
+
+
+def _parse_redirect(message: str) -> tuple[int, str, int]:
+    # "MOVED 3999 127.0.0.1:6381" / "ASK 3999 127.0.0.1:6381"; IPv6 hosts contain ':'.
+    _, slot, address = message.split(" ", 2)
+    host, _, port = address.rpartition(":")
+    return int(slot), host, int(port)
+
+
+_RETRY_LATER: Final = ("TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "READONLY")
+
+
+class Transport:
+    """Routes commands to nodes by slot and pipelines them implicitly.
+
+    Use ``await Transport.open(options)``; ``aclose()`` is safe to call twice.
+    """
+
+    def __init__(self, options: TransportOptions) -> None:
+        self.options = options
+        self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
+        self.cluster = False
+        self.closing = False
+        self._state = _State.NEW
+        self._nodes: dict[tuple[str, int], _Node] = {}
+        self._slot_nodes: list[_Node] = []
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._last_refresh = 0.0
+        self._moved_times: deque[float] = deque(maxlen=_MOVED_BURST)
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._background: asyncio.Task[None] | None = None
+        self._scripts: dict[bytes, Script] = {}
+        self.refreshes = 0  # topology refreshes done (tests check bursts cause few)
+        self.redirects = {"MOVED": 0, "ASK": 0}
+        seed = urlparse(options.url)
+        if seed.scheme not in ("redis", ""):
+            raise InvalidArgument(f"unsupported URL scheme {seed.scheme!r} (redis:// only)")
+        self._seed = (seed.hostname or "127.0.0.1", seed.port or 6379)
+        username = options.username or (unquote(seed.username) if seed.username else None)
+        password = options.password or (unquote(seed.password) if seed.password else None)
+        self.handshake: list[bytes] = []
+        if password:
+            auth = ("AUTH", username, password) if username else ("AUTH", password)
+            self.handshake.append(pack(auth))
+        self._db = int(seed.path.strip("/") or 0) if seed.path.strip("/").isdigit() else 0
+        self.handshake.append(pack(("PING",)))
+
+    # -- life cycle -------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, options: TransportOptions, scripts: Sequence[Script] = ()) -> Transport:
+        """Connect to the seed, detect cluster or standalone, map slots, load scripts."""
+        self = cls(options)
+        try:
+            await self._start(scripts)
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def _start(self, scripts: Sequence[Script]) -> None:
+        seed = self._node(*self._seed)
+        deadline = self.loop.time() + max(self.options.connect_timeout, 2.0)
+        conn = await seed.connection(deadline)
+        reply = await self._wait(conn.send(pack(("CLUSTER", "SLOTS")), deadline))
+        if isinstance(reply, ReplyError):
+            # "ERR This instance has cluster support disabled": one plain server.
+            self.cluster = False
+            if self._db:
+                self.handshake.append(pack(("SELECT", self._db)))
+                ok = await self._wait(conn.send(pack(("SELECT", self._db)), deadline))
+                if isinstance(ok, ReplyError):
+                    raise EngineUnavailable(f"SELECT {self._db} failed: {ok}")
+            self._slot_nodes = [seed] * SLOTS
+        else:
+            self.cluster = True
+            if not self._apply_slots(reply, seed):
+                raise EngineUnavailable("the cluster reports no slots: is it created?")
+        self._state = _State.OPEN
+        self._scripts = {s.sha: s for s in scripts}
+        await self.load_scripts(deadline)
+        self._watchdog = self.loop.call_later(_WATCHDOG_INTERVAL, self._watch)
+        if self.cluster:
+            self._background = self.loop.create_task(self._background_refresh())
+
+    async def aclose(self) -> None:
+        """Close every connection; pending calls fail with ``EngineUnavailable``."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        self.closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for task in (self._refresh_task, self._background):
+            if task is not None:
+                task.cancel()
+        waits = []
+        for node in self._nodes.values():
+            if node.conn is not None:
+                waits.append(node.conn.closed_waiter)
+            node.close()
+        if waits:
+            await asyncio.wait(waits, timeout=1.0)
+
+    @property
+    def is_open(self) -> bool:
+        return self._state is _State.OPEN
+
+    # -- topology ---------------------------------------------------------------------
+
+    def _node(self, host: str, port: int) -> _Node:
+        node = self._nodes.get((host, port))
+        if node is None:
+            node = self._nodes[(host, port)] = _Node(self, host, port)
+        return node
+
+    def primaries(self) -> list[_Node]:
+        """The nodes that serve at least one slot now."""
+        seen: dict[str, _Node] = {}
+        for node in self._slot_nodes:
+            seen.setdefault(node.name, node)
+        return list(seen.values())
+
+    def node_for_slot(self, slot: int) -> _Node:
+        return self._slot_nodes[slot]
+
+    def _apply_slots(self, reply: Any, asked: _Node) -> bool:
+        if not isinstance(reply, list) or not reply:
+            return False
+        table = list(self._slot_nodes) if self._slot_nodes else [asked] * SLOTS
+        for entry in reply:
+            start, end, primary = int(entry[0]), int(entry[1]), entry[2]
+            host = primary[0].decode() if primary[0] else asked.host
+            if host == "?":
+                continue
+            node = self._node(host, int(primary[1]))
+            table[start : end + 1] = [node] * (end - start + 1)
+        self._slot_nodes = table
+        return True
+
+    def request_refresh(self) -> None:
+        """Refresh the slot map soon, once: concurrent requests share one refresh."""
+        if self.closing or not self.cluster:
+            return
+        if self._refresh_task is not None and not self._refresh_task.done():
+            return
+        self._refresh_task = self.loop.create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        wait = self._last_refresh + _REFRESH_MIN_INTERVAL - self.loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._last_refresh = self.loop.time()
+        self.refreshes += 1
+        now = self.loop.time()
+        candidates = [n for n in self._nodes.values() if not n.breaker_open(now)]
+        random.shuffle(candidates)
+        # Prefer nodes already connected: asking them costs no handshake.
+        candidates.sort(key=lambda n: n.conn is None)
+        for node in candidates:
+            deadline = self.loop.time() + min(0.5, self.options.command_timeout)
+            try:
+                conn = await node.connection(deadline)
+                reply = await self._wait(conn.send(pack(("CLUSTER", "SLOTS")), deadline))
+            except (EngineUnavailable, ConnectionLost, CommandTimeout):
+                continue
+            if not isinstance(reply, ReplyError) and self._apply_slots(reply, node):
+                return
+
+    async def _background_refresh(self) -> None:
+        # Catches topology changes that produce no error (e.g. a new replica), cheaply.
+        while True:
+            await asyncio.sleep(_BACKGROUND_REFRESH)
+            self.request_refresh()
+
+    def _note_moved(self, slot: int, host: str, port: int) -> None:
+        self.redirects["MOVED"] += 1
+        self._slot_nodes[slot] = self._node(host, port)
+        now = self.loop.time()
+        times = self._moved_times
+        times.append(now)
+        if len(times) == _MOVED_BURST and now - times[0] < _MOVED_WINDOW:
+            times.clear()
+            self.request_refresh()
+
+    # -- watchdog ---------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        now = self.loop.time()
+        for node in self._nodes.values():
+            conn = node.conn
+            if conn is None or not conn.pending:
+                if conn is not None:
+                    conn.replied = False
+                continue
+            expired = conn.expire(now) if now >= conn.min_deadline else 0
+            if conn.replied:
+                node.timeouts_in_row = 0
+            elif expired:
+                node.timeouts_in_row += expired
+                if node.timeouts_in_row >= self.options.breaker_failures:
+                    # Answers nothing while deadlines pass: treat as down (SIGSTOP, hang).
+                    node.trip(now)
+                    conn.abort(EngineUnavailable(f"{node.name} stopped answering"))
+                    self.request_refresh()
+            conn.replied = False
+        if self._state is _State.OPEN:
+            self._watchdog = self.loop.call_later(_WATCHDOG_INTERVAL, self._watch)
+
+    # -- calls ------------------------------------------------------------------------
+
+    async def _wait(self, fut: asyncio.Future[Any]) -> Any:
+        try:
+            return await fut
+        except (ConnectionLost, CommandTimeout) as exc:
+            raise EngineUnavailable(str(exc)) from exc
+
+    def deadline(self, timeout: float | None = None) -> float:
+        return self.loop.time() + (self.options.command_timeout if timeout is None else timeout)
+
+    async def call(
+        self,
+        slot: int,
+        packed: bytes,
+        *,
+        deadline: float | None = None,
+        idempotent: bool = True,
+        script: Script | None = None,
+        argv: tuple[Any, ...] | None = None,
+        then: bytes | None = None,
+    ) -> Any:
+        """Send one command to the node that serves ``slot`` and return its reply.
+
+        Args:
+            slot: The command's hash slot.
+            packed: The command in RESP (``pack(...)``).
+            deadline: Loop time by which the reply must be in; default now + command_timeout.
+            idempotent: Whether the command may be sent again after a connection was lost
+                with it in flight (redirect and retry-later replies are always retried:
+                the server did not run the command).
+            script: The script an EVALSHA in ``packed`` runs, for NOSCRIPT recovery.
+            argv: The arguments ``packed`` was packed from (``EVALSHA sha numkeys ...``);
+                on NOSCRIPT the same call is sent once as EVAL with the script's source.
+            then: A command to send right after on the same connection (``WAIT``); the
+                reply is then ``(reply, then_reply)``.
+
+        Raises:
+            EngineUnavailable: no reply before the deadline, node down, or an ambiguous
+                failure of a non-idempotent command.
+        """
+        if self._state is not _State.OPEN:
+            raise EngineUnavailable("the transport is not open")
+        loop = self.loop
+        if deadline is None:
+            deadline = loop.time() + self.options.command_timeout
+        asking: _Node | None = None
+        attempt = 0
+        evaled = False
+        then_reply: Any = None
+        while True:
+            node = asking or self._slot_nodes[slot]
+            conn = node.conn
+            if conn is None or not conn.alive:
+                conn = await node.connection(deadline)
+            if conn.full:
+                try:
+                    await conn.wait_for_room(deadline)
+                except CommandTimeout as exc:
+                    raise EngineUnavailable(str(exc)) from exc
+            if asking is not None:
+                conn.send_discard(_ASKING, deadline)
+                asking = None
+            fut = conn.send(packed, deadline)
+            then_fut = conn.send(then, deadline) if then is not None else None
+            try:
+                reply = await fut
+                if then_fut is not None:
+                    then_reply = await then_fut
+            except CommandTimeout as exc:
+                raise EngineUnavailable(str(exc)) from exc
+            except ConnectionLost as exc:
+                if not idempotent or loop.time() >= deadline:
+                    raise EngineUnavailable(str(exc)) from exc
+                attempt += 1
+                await self._sleep_before_retry(attempt, deadline, exc)
+                continue
+            except EngineUnavailable:
+                raise
+            if type(reply) is not ReplyError:
+                return reply if then_fut is None else (reply, then_reply)
+            message = str(reply)
+            kind = message.split(" ", 1)[0]
+            if kind == "MOVED":
+                slot_, host, port = _parse_redirect(message)
+                self._note_moved(slot_, host, port)
+                attempt += 1
+                if attempt > 16:
+                    raise EngineUnavailable(f"redirect loop for slot {slot}: {message}")
+                continue
+            if kind == "ASK":
+                self.redirects["ASK"] += 1
+                _, host, port = _parse_redirect(message)
+                asking = self._node(host, port)
+                attempt += 1
+                if attempt > 16:
+                    raise EngineUnavailable(f"redirect loop for slot {slot}: {message}")
+                continue
+            if kind == "NOSCRIPT" and script is not None and argv is not None and not evaled:
+                # EVAL runs it and leaves it cached on that node for the next EVALSHA.
+                packed = pack((b"EVAL", script.source, *argv[2:]))
+                evaled = True
+                continue
+            if kind in _RETRY_LATER:
+                if kind in ("MASTERDOWN", "READONLY", "CLUSTERDOWN"):
+                    self.request_refresh()
+                attempt += 1
+                await self._sleep_before_retry(attempt, deadline, reply)
+                continue
+            return reply if then_fut is None else (reply, then_reply)
+
+    async def _sleep_before_retry(self, attempt: int, deadline: float, cause: object) -> None:
+        left = deadline - self.loop.time()
+        if left <= 0:
+            raise EngineUnavailable(f"deadline passed after {attempt} tries: {cause}")
+        await asyncio.sleep(min(_backoff(attempt), left))
+        if self.loop.time() >= deadline:
+            raise EngineUnavailable(f"deadline passed after {attempt} tries: {cause}")
+
+    async def call_many(
+        self,
+        items: Sequence[tuple[int, bytes, tuple[Any, ...]]],
+        *,
+        script: Script | None = None,
+        deadline: float | None = None,
+    ) -> list[Any]:
+        """Send many idempotent commands at once; replies in input order.
+
+        ``items`` are ``(slot, packed, argv)`` (``argv`` as for ``call``). Commands are
+        grouped by node and written in chunks, yielding to the loop between chunks so a
+        10,000-command call never blocks other tasks for long. Items that got a redirect
+        or a retry-later reply are retried one by one through ``call``. Never raises for a
+        single item: a failed item's place holds an ``EngineUnavailable`` instance.
+        """
+        if self._state is not _State.OPEN:
+            raise EngineUnavailable("the transport is not open")
+        loop = self.loop
+        if deadline is None:
+            deadline = loop.time() + self.options.command_timeout
+        results: list[Any] = [None] * len(items)
+        groups: dict[_Node, list[int]] = {}
+        slot_nodes = self._slot_nodes
+        for i, item in enumerate(items):
+            node = slot_nodes[item[0]]
+            group = groups.get(node)
+            if group is None:
+                groups[node] = [i]
+            else:
+                group.append(i)
+
+        async def run_group(node: _Node, indices: list[int]) -> None:
+            try:
+                conn = await node.connection(deadline)
+            except EngineUnavailable as exc:
+                for i in indices:
+                    results[i] = exc
+                return
+            futs: list[asyncio.Future[Any]] = []
+            for start in range(0, len(indices), _BULK_CHUNK):
+                if start:
+                    await asyncio.sleep(0)  # let the flush and other tasks run
+                if conn.full:
+                    try:
+                        await conn.wait_for_room(deadline)
+                    except CommandTimeout:
+                        break
+                if not conn.alive:
+                    break
+                send = conn.send
+                futs.extend(
+                    send(items[i][1], deadline) for i in indices[start : start + _BULK_CHUNK]
+                )
+            if futs:
+                # Replies come in order: once the last is in (or failed), all are.
+                await asyncio.wait([futs[-1]])
+            lost = EngineUnavailable(f"{node.name}: not sent or not answered")
+            for pos, i in enumerate(indices):
+                if pos >= len(futs) or not futs[pos].done():
+                    results[i] = lost
+                    continue
+                fut = futs[pos]
+                error = fut.exception()
+                results[i] = fut.result() if error is None else EngineUnavailable(str(error))
+
+        await asyncio.gather(*(run_group(node, idx) for node, idx in groups.items()))
+
+        retry = [i for i, r in enumerate(results) if _needs_retry(r)]
+        if retry and loop.time() < deadline:
+            if script is not None and any(
+                type(results[i]) is ReplyError and str(results[i]).startswith("NOSCRIPT")
+                for i in retry
+            ):
+                # Scripts were flushed: load them once rather than EVAL each item.
+                with contextlib.suppress(EngineUnavailable):
+                    await self.load_scripts(deadline)
+
+            async def again(i: int) -> None:
+                slot, packed, argv = items[i]
+                try:
+                    results[i] = await self.call(
+                        slot, packed, deadline=deadline, script=script, argv=argv
+                    )
+                except EngineUnavailable as exc:
+                    results[i] = exc
+
+            await asyncio.gather(*(again(i) for i in retry))
+        return results
+
+    async def call_node(self, node: _Node, *args: Any) -> Any:
+        """One command to one node (admin: INFO, DBSIZE, SCAN). Raises on error replies."""
+        deadline = self.deadline()
+        conn = await node.connection(deadline)
+        reply = await self._wait(conn.send(pack(args), deadline))
+        if isinstance(reply, ReplyError):
+            raise EngineUnavailable(f"{node.name}: {reply}")
+        return reply
+
+    async def call_node_many(self, node: _Node, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Several commands to one node in one write (e.g. RANDOMKEY samples)."""
+        deadline = self.deadline()
+        conn = await node.connection(deadline)
+        futs = [conn.send(pack(cmd), deadline) for cmd in commands]
+        return [await self._wait(f) for f in futs]
+
+    async def load_scripts(self, deadline: float | None = None) -> None:
+        """SCRIPT LOAD every script on every primary (pipelined, one write per node)."""
+        if not self._scripts:
+            return
+        if deadline is None:
+            deadline = self.deadline()
+
+        async def load(node: _Node) -> None:
+            conn = await node.connection(deadline)
+            futs = [
+                conn.send(pack(("SCRIPT", "LOAD", s.source)), deadline)
+                for s in self._scripts.values()
+            ]
+            for fut in futs:
+                reply = await self._wait(fut)
+                if isinstance(reply, ReplyError):
+                    raise EngineUnavailable(f"SCRIPT LOAD failed on {node.name}: {reply}")
+
+        await asyncio.gather(*(load(n) for n in self.primaries()))
+
+
+_ASKING: Final = pack(("ASKING",))
+_RETRYABLE_KINDS: Final = frozenset(("MOVED", "ASK", "NOSCRIPT", *_RETRY_LATER))
+
+
+def _needs_retry(result: Any) -> bool:
+    if type(result) is ReplyError:
+        return str(result).split(" ", 1)[0] in _RETRYABLE_KINDS
+    return isinstance(result, EngineUnavailable)
+
+
+def monotonic_ms() -> float:
+    """Milliseconds on the monotonic clock (for latency metrics)."""
+    return time.perf_counter() * 1000.0

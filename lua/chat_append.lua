@@ -1,0 +1,32 @@
+-- chat_append.lua: append one message to a chat history, trimmed and expiring.
+-- KEYS[1]  chat list            KEYS[2]  the user's chat-room set
+-- KEYS[3]  the user's session index (read only when ARGV[5] is '1')
+-- ARGV[1]  message (JSON)       ARGV[2]  max messages kept
+-- ARGV[3]  ttl, ms              ARGV[4]  room id, encoded
+-- ARGV[5]  '1' if chats are owned by sessions: refuse unless the user has a live session
+-- ARGV[6]  key base '<prefix>:{<tag>}:'
+-- Reply:   new length | -1 when ARGV[5] is '1' and the user has no live session
+
+if ARGV[5] == '1' then
+  local idx = KEYS[3]
+  local now = now_ms()
+  redis.call('ZREMRANGEBYSCORE', idx, '-inf', now)
+  local live = false
+  for _, sid in ipairs(redis.call('ZRANGE', idx, 0, -1)) do
+    if redis.call('EXISTS', ARGV[6] .. 's:' .. sid) == 1 then
+      live = true
+      break
+    end
+  end
+  if not live then return -1 end
+end
+local n = redis.call('RPUSH', KEYS[1], ARGV[1])
+local max = tonumber(ARGV[2])
+if n > max then
+  redis.call('LTRIM', KEYS[1], -max, -1)
+  n = max
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return n

@@ -1,0 +1,48 @@
+-- create.lua: store a new session and, for a user, index it and enforce the session limit.
+-- KEYS[1]  session key
+-- KEYS[2]  the user's session index (absent for an anonymous session)
+-- ARGV[1]  session id          ARGV[2]  owner, encoded ('' anonymous)
+-- ARGV[3]  state letter        ARGV[4]  data (JSON)
+-- ARGV[5]  idle ttl, ms        ARGV[6]  absolute ttl, ms
+-- ARGV[7]  max sessions per user
+-- ARGV[8]  'evict' (drop the session closest to its absolute deadline) or 'refuse'
+-- ARGV[9]  key base '<prefix>:{<tag>}:' (the user's other session keys share the slot)
+-- Reply:   record {value, pttl} | -1 when the limit is reached and the policy refuses
+-- Idempotent: a retry that finds its own (freshly generated) key returns it unchanged.
+
+local key = KEYS[1]
+local existing = redis.call('GET', key)
+if existing then
+  return {existing, redis.call('PTTL', key)}
+end
+local now = now_ms()
+
+local idx = KEYS[2]
+if idx then
+  local base = ARGV[9]
+  local limit = tonumber(ARGV[7])
+  redis.call('ZREMRANGEBYSCORE', idx, '-inf', now)
+  if redis.call('ZCARD', idx) >= limit then
+    -- Members whose session idled out stay indexed until their absolute deadline.
+    for _, sid in ipairs(redis.call('ZRANGE', idx, 0, -1)) do
+      if redis.call('EXISTS', base .. 's:' .. sid) == 0 then
+        redis.call('ZREM', idx, sid)
+      end
+    end
+  end
+  while redis.call('ZCARD', idx) >= limit do
+    if ARGV[8] ~= 'evict' then return -1 end
+    local oldest = redis.call('ZPOPMIN', idx)
+    redis.call('DEL', base .. 's:' .. oldest[1])
+  end
+end
+
+local absolute = now + tonumber(ARGV[6])
+local v = pack_session(ARGV[3], absolute, tonumber(ARGV[5]), now, 1, ARGV[2], ARGV[4])
+local ttl = capped_ttl(v, now)
+redis.call('SET', key, v, 'PX', ttl)
+if idx then
+  redis.call('ZADD', idx, absolute, ARGV[1])
+  index_expire(idx)
+end
+return {v, ttl}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: redis-server/redis-cli (Debian packages, when missing), .venv,
+# and the engine with every extra. Idempotent and quiet; safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq redis-server redis-tools >/dev/null
+  else
+    echo "redis-server is missing: sudo apt-get install redis-server redis-tools" >&2
+    exit 1
+  fi
+fi
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,fastapi,loadtest]'

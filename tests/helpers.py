@@ -1,0 +1,65 @@
+"""Direct Redis helpers for assertions and cleanup (redis-py, one client per primary)."""
+
+from __future__ import annotations
+
+import redis
+
+
+def primaries(url: str) -> list[redis.Redis]:
+    """A client per primary (one for a plain server)."""
+    seed = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        slots = seed.execute_command("CLUSTER SLOTS")
+    except redis.ResponseError:
+        return [seed]
+    seed.close()
+    seen = {
+        (s[2][0].decode() if isinstance(s[2][0], bytes) else s[2][0], int(s[2][1])) for s in slots
+    }
+    return [redis.Redis(host=h, port=p, socket_timeout=5) for h, p in sorted(seen)]
+
+
+def delete_prefix(url: str, prefix: str) -> int:
+    """Delete every key under ``prefix`` on every primary; returns how many."""
+    deleted = 0
+    for client in primaries(url):
+        with client:
+            batch = []
+            for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    deleted += sum(client.unlink(k) for k in batch)
+                    batch.clear()
+            deleted += sum(client.unlink(k) for k in batch)
+    return deleted
+
+
+def all_keys(url: str, prefix: str) -> list[bytes]:
+    """Every key under ``prefix`` on every primary (for assertions)."""
+    keys: list[bytes] = []
+    for client in primaries(url):
+        with client:
+            keys.extend(client.scan_iter(match=f"{prefix}:*", count=1000))
+    return keys
+
+
+def all_values(url: str, prefix: str) -> list[bytes]:
+    """Every key name and value (any type, flattened) under ``prefix``, for secret scans."""
+    out: list[bytes] = []
+    for client in primaries(url):
+        with client:
+            for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                out.append(key)
+                kind = client.type(key)
+                if kind == b"string":
+                    out.append(client.get(key) or b"")
+                elif kind == b"zset":
+                    out.extend(m for m in client.zrange(key, 0, -1))
+                elif kind == b"set":
+                    out.extend(client.smembers(key))
+                elif kind == b"list":
+                    out.extend(client.lrange(key, 0, -1))
+                elif kind == b"hash":
+                    for f, v in client.hgetall(key).items():
+                        out.extend((f, v))
+    return out
