@@ -5,9 +5,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from engine._loadtest import main as loadtest_main
 from engine.cluster import main as cluster_main
 
-_USAGE = "usage: python -m engine cluster {up,down,status} [options]"
+_USAGE = """usage: python -m engine COMMAND [options]
+
+commands:
+  demo                    the engine on a local six-node cluster, in about a minute
+  bench                   throughput/latency against redis-py and redis-benchmark
+  cluster up|down|status  a local cluster in the background for development
+  loadtest                reference FastAPI service under headless Locust
+"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,6 +30,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["cluster"]:
         return cluster_main(args[1:])
+    if args[:1] == ["loadtest"]:
+        return loadtest_main(args[1:])
+    if args[:1] == ["demo"]:
+        from engine._demo import main as demo_main  # noqa: PLC0415 - keep start-up light
+
+        return demo_main(args[1:])
+    if args[:1] == ["bench"]:
+        from engine._bench import main as bench_main  # noqa: PLC0415
+
+        return bench_main(args[1:])
     print(_USAGE, file=sys.stderr)
     return 2
 

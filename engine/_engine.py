@@ -129,7 +129,8 @@ class SessionEngine:
             else None
         )
         self._default_states = self._states_cache[_DEFAULT_STATES]
-        self._derived: dict[str, tuple[int, str, str]] = {}
+        self._derived: dict[str, tuple[int, str, str, bytes]] = {}
+        self._heads: dict[bytes, tuple[str | None, SessionState, datetime, datetime, int]] = {}
         self._derived_max = settings.token_memo_size
         v = self._scripts["validate"]
         self._validate_sha = v.sha
@@ -219,7 +220,6 @@ class SessionEngine:
                 slot_of_tag(tag),
                 pack(argv),
                 script=script,
-                argv=argv,
                 idempotent=idempotent,
                 then=then,
                 deadline=deadline,
@@ -271,28 +271,48 @@ class SessionEngine:
             raise InvalidArgument(f"{what} is out of range")
         return ms
 
-    @staticmethod
-    def _session(session_id: str, record: Sequence[Any]) -> Session:
+    def _session(self, session_id: str, record: Sequence[Any]) -> Session:
         """A Session from a record reply ``[value, pttl_ms]`` (layout: lua/_prelude.lua)."""
-        v: bytes = record[0]
-        owner, _, data = v[_HEADER:].partition(b"|")
-        user = (unquote(owner.decode()) if b"%" in owner else owner.decode()) if owner else None
+        head, _, data = record[0].partition(b"|")  # digits and a percent-encoded owner: no '|'
+        fixed = self._heads.get(head) or self._parse_head(head)
         return build_session(
             {
                 "session_id": session_id,
-                "user_id": user,
-                "state": _STATE_BY_BYTE[v[0]],
+                "user_id": fixed[0],
+                "state": fixed[1],
                 "data": orjson.loads(data),
-                "created_at": _ms_to_dt(int(v[26:39])),
+                "created_at": fixed[2],
                 # The server sent the remaining TTL; the local clock turns it into a time.
-                "expires_at": _ms_to_dt(time.time() * 1000.0 + record[1]),
-                "absolute_expires_at": _ms_to_dt(int(v[1:14])),
-                "version": int(v[39:49]),
+                "expires_at": datetime.fromtimestamp(time.time() + record[1] / 1000.0, UTC),
+                "absolute_expires_at": fixed[3],
+                "version": fixed[4],
             }
         )
 
-    def _derive(self, token: object) -> tuple[int, str, str] | None:
-        """``(slot, session_id, key)`` of a token, or ``None`` if it does not parse.
+    def _parse_head(self, head: bytes) -> tuple[str | None, SessionState, datetime, datetime, int]:
+        """The parts of a stored session that change only on update, memoised like tokens:
+        a session validated on every request has the same head every time."""
+        owner = head[_HEADER:]
+        user = (unquote(owner.decode()) if b"%" in owner else owner.decode()) if owner else None
+        fixed = (
+            user,
+            _STATE_BY_BYTE[head[0]],
+            _ms_to_dt(int(head[26:39])),
+            _ms_to_dt(int(head[1:14])),
+            int(head[39:49]),
+        )
+        heads = self._heads
+        if self._derived_max:
+            if len(heads) >= self._derived_max:
+                heads.clear()
+            heads[head] = fixed
+        return fixed
+
+    def _pack_validate(self, key: str, states_arg: bytes) -> bytes:
+        return pack((b"EVALSHA", self._validate_sha, b"1", key, states_arg, b"1", self._slack_ms))
+
+    def _derive(self, token: object) -> tuple[int, str, str, bytes] | None:
+        """``(slot, session_id, key, packed validate)`` of a token; ``None`` if it does not parse.
 
         Pure function of the token, memoised: a live session's token comes back on every
         request, and parsing + SHA-256 + key building is a third of the client's CPU per
@@ -304,10 +324,13 @@ class SessionEngine:
             return None
         tag, secret = parsed
         sid = session_id_of(secret)
+        key = f"{self._prefix}:{{{tag}}}:s:{sid}"
         derived = (
             binascii.crc_hqx(tag.encode(), 0) & 16383,
             sid,
-            f"{self._prefix}:{{{tag}}}:s:{sid}",
+            key,
+            # The whole EVALSHA of a validate with the default states, ready to write.
+            self._pack_validate(key, self._default_states),
         )
         cache = self._derived
         if self._derived_max:
@@ -430,28 +453,23 @@ class SessionEngine:
         if derived is None:
             m.miss_malformed += 1
             return None
-        slot, sid, key = derived
-        argv = (
-            b"EVALSHA",
-            self._validate_sha,
-            b"1",
-            key,
-            self._states(states) if states is not None else self._default_states,
-            b"1",
-            self._slack_ms,
-        )
+        if states is None:
+            packed = derived[3]
+        else:
+            packed = self._pack_validate(derived[2], self._states(states))
+        transport = self._transport
+        if transport is None or self._state is not _State.OPEN:
+            raise EngineError("the engine is not open: use `async with SessionEngine(...)`")
         try:
-            reply = await self.transport.call(
-                slot,
-                pack(argv),
-                script=self._validate_script,
-                argv=argv,
-            )
+            reply = await transport.call(derived[0], packed, script=self._validate_script)
         except EngineUnavailable:
             m.errors += 1
             raise
         m.latency((time.perf_counter() - t0) * 1000.0)
-        return self._validated(sid, reply)
+        if type(reply) is list:
+            m.hits += 1
+            return self._session(derived[1], reply)
+        return self._validated(derived[1], reply)
 
     def _validated(self, sid: str, reply: Any) -> Session | None:
         m = self._metrics
@@ -479,12 +497,11 @@ class SessionEngine:
                 a partial answer could hide a revoked session as "unknown").
         """
         states_arg = self._states(states)
-        sha = self._validate_sha
-        slack = self._slack_ms
+        default = states is None
         m = self._metrics
         out: list[Session | None] = []
         sids: list[str | None] = []
-        items: list[tuple[int, bytes, tuple[Any, ...]]] = []
+        items: list[tuple[int, bytes]] = []
         positions: list[int] = []
         derived_cache = self._derived
         derive = self._derive
@@ -497,11 +514,12 @@ class SessionEngine:
                     m.miss_malformed += 1
                     sids.append(None)
                     continue
-            slot, sid, key = derived
-            argv = (b"EVALSHA", sha, b"1", key, states_arg, b"1", slack)
-            items.append((slot, pack(argv), argv))
+            if default:
+                items.append((derived[0], derived[3]))
+            else:
+                items.append((derived[0], self._pack_validate(derived[2], states_arg)))
             positions.append(len(out) - 1)
-            sids.append(sid)
+            sids.append(derived[1])
         m.validations += len(out)
         if not items:
             return out

@@ -537,6 +537,10 @@ class Transport:
                 node.timeouts_in_row += expired
                 if node.timeouts_in_row >= self.options.breaker_failures:
                     # Answers nothing while deadlines pass: treat as down (SIGSTOP, hang).
+                    # Count it as a failure: with failures == 0 the half-open probe would let
+                    # every caller queue behind it for its whole deadline instead of failing
+                    # fast (see _Node.connection).
+                    node.failures += 1
                     node.trip(now)
                     conn.abort(EngineUnavailable(f"{node.name} stopped answering"))
                     self.request_refresh()
@@ -563,7 +567,6 @@ class Transport:
         deadline: float | None = None,
         idempotent: bool = True,
         script: Script | None = None,
-        argv: tuple[Any, ...] | None = None,
         then: bytes | None = None,
     ) -> Any:
         """Send one command to the node that serves ``slot`` and return its reply.
@@ -575,9 +578,8 @@ class Transport:
             idempotent: Whether the command may be sent again after a connection was lost
                 with it in flight (redirect and retry-later replies are always retried:
                 the server did not run the command).
-            script: The script an EVALSHA in ``packed`` runs, for NOSCRIPT recovery.
-            argv: The arguments ``packed`` was packed from (``EVALSHA sha numkeys ...``);
-                on NOSCRIPT the same call is sent once as EVAL with the script's source.
+            script: The script an EVALSHA in ``packed`` runs: on NOSCRIPT the same call is
+                sent once more as EVAL with the script's source.
             then: A command to send right after on the same connection (``WAIT``); the
                 reply is then ``(reply, then_reply)``.
 
@@ -642,9 +644,9 @@ class Transport:
                 if attempt > 16:
                     raise EngineUnavailable(f"redirect loop for slot {slot}: {message}")
                 continue
-            if kind == "NOSCRIPT" and script is not None and argv is not None and not evaled:
+            if kind == "NOSCRIPT" and script is not None and not evaled:
                 # EVAL runs it and leaves it cached on that node for the next EVALSHA.
-                packed = pack((b"EVAL", script.source, *argv[2:]))
+                packed = evalsha_to_eval(packed, script)
                 evaled = True
                 continue
             if kind in _RETRY_LATER:
@@ -665,14 +667,14 @@ class Transport:
 
     async def call_many(
         self,
-        items: Sequence[tuple[int, bytes, tuple[Any, ...]]],
+        items: Sequence[tuple[int, bytes]],
         *,
         script: Script | None = None,
         deadline: float | None = None,
     ) -> list[Any]:
         """Send many idempotent commands at once; replies in input order.
 
-        ``items`` are ``(slot, packed, argv)`` (``argv`` as for ``call``). Commands are
+        ``items`` are ``(slot, packed)``; ``script`` as for ``call``. Commands are
         grouped by node and written in chunks, yielding to the loop between chunks so a
         10,000-command call never blocks other tasks for long. Items that got a redirect
         or a retry-later reply are retried one by one through ``call``. Never raises for a
@@ -741,11 +743,9 @@ class Transport:
                     await self.load_scripts(deadline)
 
             async def again(i: int) -> None:
-                slot, packed, argv = items[i]
+                slot, packed = items[i]
                 try:
-                    results[i] = await self.call(
-                        slot, packed, deadline=deadline, script=script, argv=argv
-                    )
+                    results[i] = await self.call(slot, packed, deadline=deadline, script=script)
                 except EngineUnavailable as exc:
                     results[i] = exc
 
@@ -791,6 +791,29 @@ class Transport:
 
 _ASKING: Final = pack(("ASKING",))
 _RETRYABLE_KINDS: Final = frozenset(("MOVED", "ASK", "NOSCRIPT", *_RETRY_LATER))
+
+
+def evalsha_to_eval(packed: bytes, script: Script) -> bytes:
+    """The same command as EVAL with the script's source, from its packed EVALSHA form.
+
+    Only the NOSCRIPT path needs it, so callers never build the EVAL form up front.
+    """
+    count_end = packed.index(b"\r\n") + 2  # "*N\r\n"
+    head = b"$7\r\nEVALSHA\r\n$40\r\n" + script.sha + b"\r\n"
+    if packed[count_end : count_end + len(head)].upper() != head.upper():
+        raise ValueError("not an EVALSHA of this script")
+    source = script.source
+    return b"".join(
+        (
+            packed[:count_end],
+            b"$4\r\nEVAL\r\n$",
+            str(len(source)).encode(),
+            b"\r\n",
+            source,
+            b"\r\n",
+            packed[count_end + len(head) :],
+        )
+    )
 
 
 def _needs_retry(result: Any) -> bool:

@@ -74,11 +74,13 @@ BAD = [
 def test_rejects_malformed_tokens_fast() -> None:
     for bad in BAD:
         assert parse_token(bad) is None, bad
+    huge = "x" * 1_000_000
     start = time.perf_counter()
     for _ in range(1000):
-        parse_token("x" * 1_000_000)
-    # A megabyte token is rejected on its length, not by reading it: microseconds each.
-    assert (time.perf_counter() - start) / 1000 < 50e-6
+        assert parse_token(huge) is None
+    # A megabyte token is rejected on its length, not by reading it. The bound is loose on
+    # purpose (a shared, noisy machine): reading 1 MB a thousand times would take far longer.
+    assert time.perf_counter() - start < 0.05
 
 
 @settings(max_examples=3000, deadline=None)

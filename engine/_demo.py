@@ -1,0 +1,345 @@
+"""``python -m engine demo``: the engine on a real local six-node cluster, in about a minute.
+
+Starts a ``LocalCluster`` (or uses ``--url``), creates sessions for many users, validates at
+full speed, does a bulk lookup, rotates and revokes, appends chat history, then kills a
+primary under load and shows the engine riding through the failover. Prints a report and
+stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from ._engine import SessionEngine
+from ._errors import EngineUnavailable
+from ._keys import slot_of_tag
+from ._run import run
+from ._settings import EngineSettings
+from ._tokens import parse_token
+
+__all__ = ["main"]
+
+
+class Progress:
+    """One self-rewriting status line on a terminal; plain lines otherwise."""
+
+    def __init__(self, stream: object = sys.stderr) -> None:
+        self._stream = stream
+        self._tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._last = 0.0
+
+    def update(self, text: str, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < (0.1 if self._tty else 2.0):
+            return
+        self._last = now
+        out = self._stream
+        if self._tty:
+            print(f"\r\033[K  {text}", end="", file=out, flush=True)  # type: ignore[call-overload]
+        else:
+            print(f"  {text}", file=out, flush=True)  # type: ignore[call-overload]
+
+    def done(self, text: str) -> None:
+        out = self._stream
+        if self._tty:
+            print(f"\r\033[K  {text}", file=out, flush=True)  # type: ignore[call-overload]
+        else:
+            print(f"  {text}", file=out, flush=True)  # type: ignore[call-overload]
+
+
+def _pct(data: list[float], q: float) -> float:
+    if not data:
+        return float("nan")
+    data = sorted(data)
+    return data[min(len(data) - 1, int(q / 100 * len(data)))]
+
+
+@dataclass
+class Report:
+    lines: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, name: str, value: str) -> None:
+        self.lines.append((name, value))
+
+    def render(self) -> str:
+        width = max(len(n) for n, _ in self.lines)
+        return "\n".join(f"  {n.ljust(width)}  {v}" for n, v in self.lines)
+
+
+async def _create_sessions(
+    eng: SessionEngine, sessions: int, users: int, progress: Progress
+) -> list[str]:
+    tokens: list[str] = []
+    next_i = 0
+    start = time.perf_counter()
+
+    async def worker() -> None:
+        nonlocal next_i
+        while next_i < sessions:
+            i = next_i
+            next_i += 1
+            new = await eng.create(user_id=f"user-{i % users}", data={"n": i, "plan": "pro"})
+            tokens.append(new.token)
+            progress.update(
+                f"creating sessions {len(tokens):>7,}/{sessions:,} "
+                f"({len(tokens) / (time.perf_counter() - start):,.0f}/s)"
+            )
+
+    await asyncio.gather(*(worker() for _ in range(256)))
+    return tokens
+
+
+async def _validate_for(
+    eng: SessionEngine, tokens: Sequence[str], seconds: float, progress: Progress
+) -> tuple[int, list[float], float]:
+    count = 0
+    hits = 0
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+    start = time.perf_counter()
+    cpu0 = time.process_time()
+
+    async def worker(seed: int) -> None:
+        nonlocal count, hits
+        rnd = random.Random(seed)
+        n = len(tokens)
+        perf = time.perf_counter
+        while perf() < stop_at:
+            t0 = perf()
+            if await eng.validate(tokens[rnd.randrange(n)]) is not None:
+                hits += 1
+            latencies.append(perf() - t0)
+            count += 1
+            if count % 512 == 0:
+                progress.update(
+                    f"validating {count:>9,} ({count / (perf() - start):,.0f}/s, hits {hits:,})"
+                )
+
+    await asyncio.gather(*(worker(i) for i in range(256)))
+    cpu = time.process_time() - cpu0
+    return count, latencies, cpu
+
+
+@dataclass
+class _Timeline:
+    start: float
+    buckets: dict[int, list[int]] = field(default_factory=dict)  # 100 ms -> [ok, err]
+    first_error: float | None = None
+    last_error: float | None = None
+    other_errors: int = 0
+    victim_errors: int = 0
+    ok: int = 0
+
+    def record(self, ok: bool, victim: bool) -> None:
+        now = time.monotonic()
+        bucket = self.buckets.setdefault(int((now - self.start) * 10), [0, 0])
+        if ok:
+            self.ok += 1
+            bucket[0] += 1
+            return
+        bucket[1] += 1
+        if victim:
+            self.victim_errors += 1
+        else:
+            self.other_errors += 1
+        self.first_error = self.first_error or now
+        self.last_error = now
+
+    def sparkline(self) -> Iterator[str]:
+        if not self.buckets:
+            return
+        last = max(self.buckets)
+        row = []
+        for b in range(last + 1):
+            ok, err = self.buckets.get(b, [0, 0])
+            row.append("x" if err and not ok else ("!" if err else "."))
+        for i in range(0, len(row), 60):
+            yield f"{i / 10:5.1f}s {''.join(row[i : i + 60])}"
+
+
+async def _failover(
+    eng: SessionEngine, cl: object, tokens: Sequence[str], progress: Progress, report: Report
+) -> None:
+    from .cluster import LocalCluster  # noqa: PLC0415 - only when the demo owns a cluster
+
+    assert isinstance(cl, LocalCluster)
+    victim_tag = parse_token(tokens[0])[0]  # type: ignore[index]
+    victim = cl.primary_for_key("{" + victim_tag + "}")
+    timeline = _Timeline(start=time.monotonic())
+    killed_at: float | None = None
+    recovered_at: float | None = None
+    stop = asyncio.Event()
+    by_victim = [
+        parse_token(t) is not None
+        and eng.transport.node_for_slot(slot_of_tag(parse_token(t)[0])).port == victim.port  # type: ignore[index]
+        for t in tokens
+    ]
+    victim_tokens = [t for t, v in zip(tokens, by_victim, strict=True) if v]
+    other_tokens = [t for t, v in zip(tokens, by_victim, strict=True) if not v]
+
+    async def load(seed: int, pool: list[str], victim_pool: bool) -> None:
+        nonlocal recovered_at
+        rnd = random.Random(seed)
+        while not stop.is_set():
+            try:
+                ok = await eng.validate(pool[rnd.randrange(len(pool))]) is not None
+            except EngineUnavailable:
+                ok = False
+            timeline.record(ok, victim_pool)
+            if (
+                ok
+                and victim_pool
+                and killed_at is not None
+                and recovered_at is None
+                and timeline.last_error is not None
+            ):
+                recovered_at = time.monotonic()
+            await asyncio.sleep(0.002)  # bounded rate: ~500/s per task
+
+    tasks = [asyncio.create_task(load(i, victim_tokens, True)) for i in range(4)]
+    tasks += [asyncio.create_task(load(100 + i, other_tokens, False)) for i in range(4)]
+    await asyncio.sleep(1.0)
+    progress.done(f"killing primary 127.0.0.1:{victim.port} (SIGKILL) under load ...")
+    killed_at = time.monotonic()
+    await asyncio.to_thread(cl.kill, victim.port)
+    limit = killed_at + 20.0
+    while recovered_at is None and time.monotonic() < limit:
+        gap = time.monotonic() - killed_at
+        progress.update(
+            f"failover: {gap:4.1f}s since kill, errors on its slots {timeline.victim_errors:,}, "
+            f"elsewhere {timeline.other_errors}",
+            force=True,
+        )
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.gather(*tasks)
+    if recovered_at is None:
+        progress.done("the shard did not recover within 20 s")
+        report.add("failover", "NOT recovered within 20 s")
+    else:
+        first = timeline.first_error or recovered_at
+        progress.done(f"recovered: {recovered_at - killed_at:.2f}s after the kill")
+        report.add(
+            "failover gap",
+            f"{recovered_at - first:.2f}s of errors on the killed shard's slots "
+            f"({recovered_at - killed_at:.2f}s kill -> first success; node timeout 2 s)",
+        )
+    report.add(
+        "errors during failover",
+        f"{timeline.victim_errors:,} on the dead shard, {timeline.other_errors} elsewhere "
+        f"(of {timeline.ok + timeline.victim_errors + timeline.other_errors:,} calls)",
+    )
+    print("  timeline (100 ms per mark: '.' ok, '!' some errors, 'x' only errors):")
+    for line in timeline.sparkline():
+        print(f"    {line}")
+    progress.done("restarting the killed node: it rejoins as a replica")
+    await asyncio.to_thread(cl.restart, victim.port)
+    await asyncio.to_thread(cl.wait_healthy, 30.0)
+
+
+async def _demo(args: argparse.Namespace, url: str, cl: object | None) -> int:
+    progress = Progress()
+    report = Report()
+    settings = EngineSettings(url=url, key_prefix=args.prefix, command_timeout=0.5)
+    async with SessionEngine(settings) as eng:
+        before = await eng.stats()
+        mem0 = sum(before.used_memory_bytes.values())
+        mode = before.mode
+        print(f"engine open: {mode}, {before.primaries} primaries")
+
+        t0 = time.perf_counter()
+        tokens = await _create_sessions(eng, args.sessions, args.users, progress)
+        dt = time.perf_counter() - t0
+        progress.done(f"created {len(tokens):,} sessions for {args.users:,} users in {dt:.1f}s")
+        report.add("create", f"{len(tokens) / dt:,.0f} sessions/s")
+
+        count, lat, cpu = await _validate_for(eng, tokens, args.seconds, progress)
+        rate = count / args.seconds
+        progress.done(f"validated {count:,} tokens in {args.seconds:.0f}s")
+        report.add("validate", f"{rate:,.0f}/s with 256 concurrent tasks, one process")
+        report.add(
+            "validate latency",
+            f"p50 {_pct(lat, 50) * 1e3:.2f} ms, p99 {_pct(lat, 99) * 1e3:.2f} ms, "
+            f"p99.9 {_pct(lat, 99.9) * 1e3:.2f} ms",
+        )
+        report.add("client CPU", f"{cpu / count * 1e6:.1f} us per validation")
+
+        sample = random.sample(tokens, min(10_000, len(tokens)))
+        t0 = time.perf_counter()
+        found = await eng.validate_many(sample)
+        dt = time.perf_counter() - t0
+        progress.done(f"bulk lookup: {len(sample):,} tokens in {dt * 1e3:.0f} ms")
+        report.add("validate_many", f"{len(sample) / dt:,.0f} sessions/s (batch {len(sample):,})")
+        assert all(s is not None for s in found)
+
+        rotated = [await eng.rotate(t) for t in tokens[:500]]
+        dead_after_rotate = sum(1 for s in await eng.validate_many(tokens[:500]) if s is None)
+        revoked = sum([await eng.revoke(n.token) for n in rotated[:250]])
+        dead_after_revoke = sum(
+            1 for s in await eng.validate_many([n.token for n in rotated[:250]]) if s is None
+        )
+        tokens = [n.token for n in rotated[250:]] + tokens[500:]
+        n_users = await eng.revoke_user("user-1")
+        progress.done(
+            f"rotated 500 (old tokens dead: {dead_after_rotate}), revoked {revoked} "
+            f"(dead: {dead_after_revoke}), revoke_user('user-1') ended {n_users} sessions"
+        )
+        alive = [s is not None for s in await eng.validate_many(tokens)]
+        tokens = [t for t, ok in zip(tokens, alive, strict=True) if ok]
+
+        for i in range(200):
+            await eng.chat_append(f"user-{i % 20}", "support", {"role": "user", "text": f"#{i}"})
+        history = await eng.chat_history("user-0", "support", limit=5)
+        progress.done(f"chat: 200 messages in 20 rooms; user-0's last: {history[-1]['text']}")
+
+        after = await eng.stats()
+        mem1 = sum(after.used_memory_bytes.values())
+        per = (mem1 - mem0) / max(1, len(tokens))
+        report.add("active sessions", f"{after.active_sessions:,} (estimate)")
+        report.add("memory", f"~{per:,.0f} bytes per session, primaries only, incl. indexes")
+        report.add(
+            "hit rate",
+            f"{after.hit_rate:.1%} of {after.validations:,} validations "
+            f"(misses: unknown {after.misses.unknown}, malformed {after.misses.malformed})",
+        )
+
+        if cl is not None and mode == "cluster" and not args.no_failover:
+            await _failover(eng, cl, tokens, progress, report)
+        elif args.no_failover:
+            report.add("failover", "skipped (--no-failover)")
+        else:
+            report.add("failover", "skipped (not a cluster this demo started)")
+    print("\nreport")
+    print(report.render())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m engine demo", description=__doc__)
+    parser.add_argument("--url", help="use this cluster instead of starting one")
+    parser.add_argument("--sessions", type=int, default=100_000)
+    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--seconds", type=float, default=5.0, help="full-speed validation time")
+    parser.add_argument("--prefix", default="demo", help="key prefix (default: demo)")
+    parser.add_argument("--no-failover", action="store_true", help="skip killing a primary")
+    args = parser.parse_args(argv)
+    if args.url:
+        return run(_demo(args, args.url, None))
+    from .cluster import LocalCluster  # noqa: PLC0415
+
+    print("starting a local cluster: 3 primaries + 3 replicas ...", flush=True)
+    t0 = time.perf_counter()
+    with LocalCluster(primaries=3, replicas_per_primary=1) as cl:
+        print(f"cluster up in {time.perf_counter() - t0:.1f}s at {cl.url}")
+        with contextlib.suppress(KeyboardInterrupt):
+            return run(_demo(args, cl.url, cl))
+        return 130
