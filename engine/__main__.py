@@ -15,6 +15,7 @@ commands:
   bench                   throughput/latency against redis-py and redis-benchmark
   cluster up|down|status  a local cluster in the background for development
   loadtest                reference FastAPI service under headless Locust
+  drill SCENARIO          a failover drill under load (kill-primary, takeover, ...)
 """
 
 
@@ -36,6 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engine._demo import main as demo_main  # noqa: PLC0415 - keep start-up light
 
         return demo_main(args[1:])
+    if args[:1] == ["drill"]:
+        from engine._drill import main as drill_main  # noqa: PLC0415
+
+        return drill_main(args[1:])
     if args[:1] == ["bench"]:
         from engine._bench import main as bench_main  # noqa: PLC0415
 
