@@ -492,6 +492,10 @@ class SessionEngine:
     ) -> list[Session | None]:
         """Validate many tokens at once: one pipelined round per node, results in order.
 
+        Tokens go out in batches of ``bulk_batch`` (setting, default 5,000), each batch
+        with its own ``command_timeout`` deadline, so a very long list is not held to the
+        deadline of one call.
+
         Raises:
             EngineUnavailable: if any token's node did not answer in time (fail closed:
                 a partial answer could hide a revoked session as "unknown").
@@ -523,11 +527,18 @@ class SessionEngine:
         m.validations += len(out)
         if not items:
             return out
-        replies = await self.transport.call_many(items, script=self._validate_script)
-        failed = next((r for r in replies if isinstance(r, EngineUnavailable)), None)
-        if failed is not None:
-            m.errors += 1
-            raise EngineUnavailable(f"validate_many: {failed}") from failed
+        transport = self.transport
+        replies: list[Any] = []
+        batch = self.settings.bulk_batch
+        for start in range(0, len(items), batch):
+            chunk = await transport.call_many(
+                items[start : start + batch], script=self._validate_script
+            )
+            failed = next((r for r in chunk if isinstance(r, EngineUnavailable)), None)
+            if failed is not None:
+                m.errors += 1
+                raise EngineUnavailable(f"validate_many: {failed}") from failed
+            replies += chunk
         for pos, reply in zip(positions, replies, strict=True):
             sid_ = sids[pos]
             assert sid_ is not None

@@ -72,6 +72,9 @@ class EngineSettings(BaseSettings):
         default=1.0, gt=0, description="One deadline per call, covering all its retries."
     )
     connect_timeout: float = Field(default=1.0, gt=0)
+    bulk_batch: int = Field(
+        default=5_000, ge=1, description="validate_many sends at most this many per deadline."
+    )
     max_inflight_per_node: int = Field(
         default=20_000, ge=16, description="Back-pressure: commands awaiting replies per node."
     )

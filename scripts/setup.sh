@@ -17,4 +17,4 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,fastapi,loadtest]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,fastapi,loadtest,charts]'
