@@ -5,7 +5,8 @@
 -- ARGV[3]  state letter        ARGV[4]  data (JSON)
 -- ARGV[5]  idle ttl, ms        ARGV[6]  absolute ttl, ms
 -- ARGV[7]  max sessions per user
--- ARGV[8]  'evict' (drop the session closest to its absolute deadline) or 'refuse'
+-- ARGV[8]  'evict' (drop the oldest session: the one closest to its absolute deadline)
+--          or 'refuse'
 -- ARGV[9]  key base '<prefix>:{<tag>}:' (the user's other session keys share the slot)
 -- Reply:   record {value, pttl} | -1 when the limit is reached and the policy refuses
 -- Idempotent: a retry that finds its own (freshly generated) key returns it unchanged.
@@ -42,7 +43,13 @@ local v = pack_session(ARGV[3], absolute, tonumber(ARGV[5]), now, 1, ARGV[2], AR
 local ttl = capped_ttl(v, now)
 redis.call('SET', key, v, 'PX', ttl)
 if idx then
-  redis.call('ZADD', idx, absolute, ARGV[1])
+  -- Scores are absolute deadlines, kept strictly increasing per user (+1 ms on a tie) so
+  -- that ZPOPMIN above evicts the oldest session, not the smallest id, when two sessions
+  -- were created in the same millisecond.
+  local score = absolute
+  local top = redis.call('ZRANGE', idx, -1, -1, 'WITHSCORES')
+  if top[2] and tonumber(top[2]) >= score then score = tonumber(top[2]) + 1 end
+  redis.call('ZADD', idx, score, ARGV[1])
   index_expire(idx)
 end
 return {v, ttl}
