@@ -829,7 +829,20 @@ class SessionEngine:
         if type(reply) is ReplyError:
             raise map_reply_error(reply, operation="chat_clear")
 
-    # -- stats ------------------------------------------------------------------------
+    # -- health and stats -------------------------------------------------------------
+
+    async def ping(self) -> int:
+        """PING every primary at once (for health checks); returns how many answered.
+
+        Raises:
+            EngineUnavailable: a primary did not answer in time, so some sessions cannot
+                be checked right now.
+        """
+        t = self.transport
+        primaries = t.primaries()
+        await asyncio.gather(*(t.call_node(node, "PING") for node in primaries))
+        return len(primaries)
+
 
     async def stats(self) -> EngineStats:
         """Counters of this engine, latency percentiles, and the cluster's size.

@@ -1,0 +1,1 @@
+"""The reference service embedding the engine, and the Locust scenarios that load it."""

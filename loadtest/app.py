@@ -1,0 +1,278 @@
+"""The reference FastAPI service: sessions, chat history and metrics through ``engine.fastapi``.
+
+Run it against any cluster node (settings come from ``ENGINE_*`` variables)::
+
+    ENGINE_URL=redis://127.0.0.1:7000 uvicorn loadtest.app:app --loop uvloop
+
+Endpoints: ``POST /login``, ``GET /me``, ``POST|GET /chat/{room}``, ``POST /rotate``,
+``POST /logout``, ``POST /logout-all``, ``GET /healthz``, ``GET /metrics`` (Prometheus).
+
+``APP_COOKIE_SECURE=0`` drops the ``Secure`` cookie flag for plain-HTTP local development.
+
+Metrics are per process: with ``uvicorn --workers N`` each scrape reads one worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine import EngineSettings, EngineStats, EngineUnavailable, Session, SessionEngine
+from engine import SessionNotFound as _SessionNotFound
+from engine.fastapi import (
+    clear_session_cookie,
+    current_token,
+    engine_lifespan,
+    get_engine,
+    require_session,
+    set_session_cookie,
+)
+
+__all__ = ["app", "create_app"]
+
+STATS_MAX_AGE = 1.0
+"""Seconds a stats snapshot is reused by /metrics (it costs INFO, DBSIZE and SCAN per node)."""
+
+Engine = Annotated[SessionEngine, Depends(get_engine)]
+CurrentSession = Annotated[Session, Depends(require_session)]
+Token = Annotated[str, Depends(current_token)]
+
+
+class LoginIn(BaseModel):
+    user_id: str = Field(min_length=1, max_length=256)
+
+
+class TokenOut(BaseModel):
+    token: str
+    session_id: str
+
+
+class ChatIn(BaseModel):
+    text: str = Field(min_length=1, max_length=2000)
+
+
+class _StatsCache:
+    """The last ``engine.stats()``; refreshed on scrape when older than ``STATS_MAX_AGE``."""
+
+    def __init__(self) -> None:
+        self.value: EngineStats | None = None
+        self._at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def refresh(self, engine: SessionEngine) -> None:
+        async with self._lock:  # one refresh at a time, however many scrapers
+            if self.value is not None and time.monotonic() - self._at < STATS_MAX_AGE:
+                return
+            try:
+                self.value = await engine.stats()
+            except EngineUnavailable:
+                return  # keep the last snapshot; the counters still move in-process
+            self._at = time.monotonic()
+
+
+class _EngineCollector(Collector):
+    """Exposes the cached ``EngineStats`` as Prometheus metrics (read at scrape time)."""
+
+    def __init__(self, cache: _StatsCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterable[Any]:
+        s = self._cache.value
+        if s is None:
+            return
+        yield CounterMetricFamily(
+            "session_validations", "Tokens validated by this process.", value=s.validations
+        )
+        yield CounterMetricFamily("session_hits", "Validations that found a session.", s.hits)
+        misses = CounterMetricFamily(
+            "session_misses", "Validations that found no session, by reason.", labels=["reason"]
+        )
+        for reason, count in s.misses.model_dump().items():
+            misses.add_metric([reason], count)
+        yield misses
+        yield CounterMetricFamily(
+            "session_engine_errors", "Engine calls that raised EngineUnavailable.", s.errors
+        )
+        latency = GaugeMetricFamily(
+            "session_validate_latency_ms",
+            "validate() latency percentiles over the engine's window.",
+            labels=["quantile"],
+        )
+        for q, v in (("0.5", s.latency_p50_ms), ("0.99", s.latency_p99_ms)):
+            if v is not None:
+                latency.add_metric([q], v)
+        yield latency
+        yield GaugeMetricFamily(
+            "session_active", "Live sessions in the cluster (estimate).", s.active_sessions
+        )
+        memory = GaugeMetricFamily(
+            "redis_used_memory_bytes", "used_memory per primary.", labels=["node"]
+        )
+        for node, used in s.used_memory_bytes.items():
+            memory.add_metric([node], used)
+        yield memory
+        yield GaugeMetricFamily("redis_primaries", "Primaries the engine routes to.", s.primaries)
+
+
+class _LatencyMiddleware:
+    """Request latency per route template (``/chat/{room}``, never the raw path)."""
+
+    def __init__(self, app: ASGIApp, histogram: Histogram) -> None:
+        self.app = app
+        self.histogram = histogram
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        code = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.histogram.labels(scope["method"], path, str(code)).observe(
+                time.perf_counter() - t0
+            )
+
+
+def _cookie_secure() -> bool:
+    return os.environ.get("APP_COOKIE_SECURE", "1").lower() not in ("0", "false", "no")
+
+
+def create_app(settings: EngineSettings | None = None) -> FastAPI:
+    """Build the service. No I/O: the engine connects when the app starts (lifespan).
+
+    Args:
+        settings: Engine settings; ``EngineSettings()`` from ``ENGINE_*`` at startup if omitted.
+    """
+    registry = CollectorRegistry()
+    cache = _StatsCache()
+    registry.register(_EngineCollector(cache))
+    histogram = Histogram(
+        "http_request_duration_seconds",
+        "HTTP request latency by endpoint.",
+        ["method", "endpoint", "status"],
+        registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    )
+    secure = _cookie_secure()
+    app = FastAPI(title="session engine reference service", lifespan=engine_lifespan(settings))
+    app.add_middleware(_LatencyMiddleware, histogram=histogram)
+
+    @app.post("/login")
+    async def login(body: LoginIn, engine: Engine, response: Response) -> TokenOut:
+        # A real service checks a password or an identity provider first.
+        try:
+            new = await engine.create(user_id=body.user_id)
+        except EngineUnavailable as exc:
+            raise HTTPException(503, "session store unavailable", {"Retry-After": "1"}) from exc
+        set_session_cookie(response, new.token, secure=secure)
+        return TokenOut(token=new.token, session_id=new.session.session_id)
+
+    @app.get("/me")
+    async def me(session: CurrentSession) -> Session:
+        return session
+
+    @app.post("/chat/{room}")
+    async def chat_post(
+        room: str, body: ChatIn, session: CurrentSession, engine: Engine
+    ) -> dict[str, int]:
+        user = _user_of(session)
+        try:
+            length = await engine.chat_append(
+                user, room, {"text": body.text, "sid": session.session_id, "ts": time.time()}
+            )
+        except EngineUnavailable as exc:
+            raise HTTPException(503, "session store unavailable", {"Retry-After": "1"}) from exc
+        return {"length": length}
+
+    @app.get("/chat/{room}")
+    async def chat_get(
+        room: str, session: CurrentSession, engine: Engine, limit: int = 50
+    ) -> dict[str, list[Any]]:
+        if not 1 <= limit <= 1000:
+            raise HTTPException(422, "limit must be between 1 and 1000")
+        try:
+            messages = await engine.chat_history(_user_of(session), room, limit)
+        except EngineUnavailable as exc:
+            raise HTTPException(503, "session store unavailable", {"Retry-After": "1"}) from exc
+        return {"messages": messages}
+
+    @app.post("/rotate")
+    async def rotate(
+        session: CurrentSession, token: Token, engine: Engine, response: Response
+    ) -> TokenOut:
+        try:
+            new = await engine.rotate(token)
+        except _SessionNotFound as exc:  # revoked between validation and rotation
+            raise HTTPException(401, "invalid or expired session") from exc
+        except EngineUnavailable as exc:
+            raise HTTPException(503, "session store unavailable", {"Retry-After": "1"}) from exc
+        set_session_cookie(response, new.token, secure=secure)
+        return TokenOut(token=new.token, session_id=new.session.session_id)
+
+    @app.post("/logout")
+    async def logout(token: Token, engine: Engine, response: Response) -> dict[str, bool]:
+        try:
+            revoked = await engine.revoke(token)
+        except EngineUnavailable as exc:
+            raise HTTPException(503, "session store unavailable", {"Retry-After": "1"}) from exc
+        clear_session_cookie(response, secure=secure)
+        return {"revoked": revoked}
+
+    @app.post("/logout-all")
+    async def logout_all(
+        session: CurrentSession, engine: Engine, response: Response
+    ) -> dict[str, int]:
+        try:
+            count = await engine.revoke_user(_user_of(session))
+        except EngineUnavailable as exc:
+            raise HTTPException(503, "session store unavailable", {"Retry-After": "1"}) from exc
+        clear_session_cookie(response, secure=secure)
+        return {"revoked": count}
+
+    @app.get("/healthz", response_model=None)
+    async def healthz(engine: Engine) -> dict[str, Any] | JSONResponse:
+        try:
+            # Healthy means every slot can be served right now.
+            primaries = await engine.ping()
+        except EngineUnavailable as exc:
+            return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+        return {"status": "ok", "primaries": primaries}
+
+    @app.get("/metrics")
+    async def metrics(engine: Engine) -> Response:
+        await cache.refresh(engine)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _user_of(session: Session) -> str:
+    if session.user_id is None:
+        raise HTTPException(403, "anonymous sessions have no chat")
+    return session.user_id
+
+
+app = create_app()
+"""The module-level app for ``uvicorn loadtest.app:app`` (connects only when started)."""

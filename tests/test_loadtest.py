@@ -1,0 +1,122 @@
+"""A short real Locust run against the reference service on the shared cluster."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import all_keys, delete_prefix
+
+from engine import EngineSettings, _loadtest
+from engine.cluster import LocalCluster
+from loadtest.app import create_app
+
+pytestmark = pytest.mark.cluster
+
+USERS = 200
+DURATION = 15
+
+
+def test_short_locust_run_has_no_failures(
+    cluster_url: str, prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "--url",
+        cluster_url,
+        "--users",
+        str(USERS),
+        "--spawn-rate",
+        "100",
+        "--duration",
+        str(DURATION),
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--key-prefix",
+        prefix,
+        "--wait",  # short think time: enough requests in a short run
+        "1",
+        "3",
+    ]
+    try:
+        code = _loadtest.main(argv)
+        left = all_keys(cluster_url, prefix)  # the runner removes what it created
+    finally:
+        delete_prefix(cluster_url, prefix)
+    out = capsys.readouterr().out
+    rows = {row.name: row for row in _loadtest.read_stats(tmp_path / "locust")}
+    total = rows["Aggregated"]
+    assert code == 0, out
+    assert total.failures == 0, out
+    # Every user logged in, browsed and probed; with 1-3 s think time a run of this length
+    # makes well over a thousand requests (measured ~2500; far fewer means a broken run).
+    assert rows["/login"].requests >= USERS, out
+    assert rows["/me"].requests >= 3 * USERS, out
+    assert rows["/me (invalid token)"].requests > 0, out
+    assert total.requests >= 1000, out
+    assert (tmp_path / "locust.html").is_file()
+    assert left == []
+
+
+async def test_reference_service_endpoints(cluster_url: str, prefix: str) -> None:
+    """The reference service in-process (no uvicorn): every endpoint once, and /metrics."""
+    app = create_app(EngineSettings(url=cluster_url, key_prefix=prefix))
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="https://t") as c:
+                assert (await c.get("/healthz")).json()["status"] == "ok"
+                r = await c.post("/login", json={"user_id": "ann"})
+                assert r.status_code == 200 and "httponly" in r.headers["set-cookie"].lower()
+                token = r.json()["token"]
+                auth = {"Authorization": f"Bearer {token}"}
+                me = (await c.get("/me", headers=auth)).json()
+                assert me["user_id"] == "ann" and me["session_id"] == r.json()["session_id"]
+                r = await c.post("/chat/lobby", json={"text": "hi"}, headers=auth)
+                assert r.json() == {"length": 1}
+                r = await c.get("/chat/lobby", headers=auth)
+                assert [m["text"] for m in r.json()["messages"]] == ["hi"]
+                new = (await c.post("/rotate", headers=auth)).json()["token"]
+                assert (await c.get("/me", headers=auth)).status_code == 401
+                auth = {"Authorization": f"Bearer {new}"}
+                other = (await c.post("/login", json={"user_id": "ann"})).json()["token"]
+                assert (await c.post("/logout-all", headers=auth)).json() == {"revoked": 2}
+                other_auth = {"Authorization": f"Bearer {other}"}
+                assert (await c.get("/me", headers=other_auth)).status_code == 401
+                third = (await c.post("/login", json={"user_id": "ann"})).json()["token"]
+                r = await c.post("/logout", headers={"Authorization": f"Bearer {third}"})
+                assert r.json() == {"revoked": True}
+                assert (await c.post("/logout")).status_code == 401
+                metrics = (await c.get("/metrics")).text
+                assert 'session_misses_total{reason="unknown"}' in metrics
+                assert "session_hits_total" in metrics and "session_active" in metrics
+                assert 'endpoint="/chat/{room}"' in metrics  # route template, not raw path
+                assert "redis_used_memory_bytes" in metrics
+    finally:
+        delete_prefix(cluster_url, prefix)
+
+
+async def test_reference_service_fails_closed() -> None:
+    """/healthz and /me answer 503 while the (own, plain) server is frozen, never 200."""
+    cl = await asyncio.to_thread(LocalCluster(cluster_mode=False).start)
+    try:
+        app = create_app(EngineSettings(url=cl.url, command_timeout=0.3, connect_timeout=0.3))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="https://t") as c:
+                token = (await c.post("/login", json={"user_id": "bo"})).json()["token"]
+                auth = {"Authorization": f"Bearer {token}"}
+                assert (await c.get("/me", headers=auth)).status_code == 200
+                await asyncio.to_thread(cl.pause, cl.ports[0])
+                try:
+                    assert (await c.get("/healthz")).status_code == 503
+                    assert (await c.get("/me", headers=auth)).status_code == 503
+                    r = await c.post("/login", json={"user_id": "bo"})
+                    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+                finally:
+                    await asyncio.to_thread(cl.resume, cl.ports[0])
+    finally:
+        await asyncio.to_thread(cl.stop)
