@@ -88,7 +88,39 @@ class TransportOptions:
     breaker_reset: float = 0.25
 
 
-_Entry = tuple["asyncio.Future[Any] | None", float]
+class _Sink:
+    """Where the replies of one bulk round on one connection go, in order.
+
+    A bulk call of 10,000 commands would otherwise create, resolve and inspect 10,000
+    futures; a sink is one list and one future for the whole round.
+    """
+
+    __slots__ = ("expected", "finished", "replies")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, expected: int) -> None:
+        self.replies: list[Any] = []
+        self.expected = expected
+        self.finished: asyncio.Future[None] = loop.create_future()
+
+    def put(self, reply: Any) -> None:
+        replies = self.replies
+        if not self.finished.done():
+            replies.append(reply)
+            if len(replies) >= self.expected:
+                self.finished.set_result(None)
+
+    def fail(self, exc: Exception) -> None:
+        if not self.finished.done():
+            self.finished.set_exception(exc)
+
+    def sent(self, count: int) -> None:
+        """Fewer commands were sent than expected (the connection died part-way)."""
+        self.expected = count
+        if len(self.replies) >= count and not self.finished.done():
+            self.finished.set_result(None)
+
+
+_Entry = tuple["asyncio.Future[Any] | _Sink | None", float]
 
 
 class _Connection(asyncio.Protocol):
@@ -123,9 +155,13 @@ class _Connection(asyncio.Protocol):
         pending = self.pending
         try:
             while (reply := reader.gets()) is not False:
-                fut = pending.popleft()[0]
-                if fut is not None and not fut.done():
-                    fut.set_result(reply)
+                target = pending.popleft()[0]
+                if target is None:
+                    continue
+                if target.__class__ is _Sink:
+                    target.put(reply)
+                elif not target.done():  # type: ignore[union-attr]
+                    target.set_result(reply)  # type: ignore[union-attr]
         except (hiredis.ProtocolError, IndexError) as exc:
             # A reply we cannot parse, or one nobody asked for: the stream is out of step.
             self.abort(ConnectionLost(f"protocol error from {self.node.name}: {exc!r}"))
@@ -153,6 +189,16 @@ class _Connection(asyncio.Protocol):
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
         return fut
+
+    def send_to(self, sink: _Sink, packed: bytes, deadline: float) -> None:
+        """Queue one command of a bulk round; its reply goes to ``sink``."""
+        self.pending.append((sink, deadline))
+        if deadline < self.min_deadline:  # noqa: PLR1730 - cheaper than min() per command
+            self.min_deadline = deadline
+        self._wbuf.append(packed)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
 
     def send_discard(self, packed: bytes, deadline: float) -> None:
         """Queue a command whose reply nobody needs (ASKING)."""
@@ -207,10 +253,17 @@ class _Connection(asyncio.Protocol):
         (their replies, if they ever come, are matched and dropped)."""
         expired = 0
         low = float("inf")
-        for fut, deadline in self.pending:
+        for target, deadline in self.pending:
             if deadline <= now:
-                if fut is not None and not fut.done():
-                    fut.set_exception(CommandTimeout(f"{self.node.name} did not answer in time"))
+                if target is None:
+                    continue
+                if type(target) is _Sink:
+                    if not target.finished.done():
+                        target.fail(CommandTimeout(f"{self.node.name} did not answer in time"))
+                        expired += 1
+                elif not target.done():  # type: ignore[union-attr]
+                    error = CommandTimeout(f"{self.node.name} did not answer in time")
+                    target.set_exception(error)  # type: ignore[union-attr]
                     expired += 1
             elif deadline < low:
                 low = deadline
@@ -221,9 +274,11 @@ class _Connection(asyncio.Protocol):
         pending, self.pending = self.pending, deque()
         self.min_deadline = float("inf")
         self._wbuf.clear()
-        for fut, _ in pending:
-            if fut is not None and not fut.done():
-                fut.set_exception(exc)
+        for target, _ in pending:
+            if type(target) is _Sink:
+                target.fail(exc)
+            elif target is not None and not target.done():  # type: ignore[union-attr]
+                target.set_exception(exc)  # type: ignore[union-attr]
         self._wake_room_waiters()
 
     def abort(self, exc: Exception) -> None:
@@ -751,7 +806,9 @@ class Transport:
                 for i in indices:
                     results[i] = exc
                 return
-            futs: list[asyncio.Future[Any]] = []
+            sink = _Sink(self.loop, len(indices))
+            sent = 0
+            send_to = conn.send_to
             for start in range(0, len(indices), _BULK_CHUNK):
                 if start:
                     await asyncio.sleep(0)  # let the flush and other tasks run
@@ -762,21 +819,28 @@ class Transport:
                         break
                 if not conn.alive:
                     break
-                send = conn.send
-                futs.extend(
-                    send(items[i][1], deadline) for i in indices[start : start + _BULK_CHUNK]
-                )
-            if futs:
-                # Replies come in order: once the last is in (or failed), all are.
-                await asyncio.wait([futs[-1]])
-            lost = EngineUnavailable(f"{node.name}: not sent or not answered")
-            for pos, i in enumerate(indices):
-                if pos >= len(futs) or not futs[pos].done():
-                    results[i] = lost
-                    continue
-                fut = futs[pos]
-                error = fut.exception()
-                results[i] = fut.result() if error is None else EngineUnavailable(str(error))
+                for i in indices[start : start + _BULK_CHUNK]:
+                    send_to(sink, items[i][1], deadline)
+                    sent += 1
+            if sent < len(indices):
+                sink.sent(sent)
+            if sent:
+                await asyncio.wait([sink.finished])
+            if sink.finished.done() and sink.finished.exception() is None:
+                replies = sink.replies
+                for pos, i in enumerate(indices):
+                    results[i] = (
+                        replies[pos]
+                        if pos < sent
+                        else EngineUnavailable(f"{node.name}: connection lost before sending")
+                    )
+                return
+            # Timed out or lost part-way: replies are matched by position, so once one is
+            # missing none of the rest can be trusted for this node.
+            error = sink.finished.exception() if sink.finished.done() else None
+            lost = EngineUnavailable(f"{node.name}: {error or 'not answered'}")
+            for i in indices:
+                results[i] = lost
 
         await asyncio.gather(*(run_group(node, idx) for node, idx in groups.items()))
         return results
