@@ -449,5 +449,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["command"] = "python -m engine bench " + " ".join(argv or sys.argv[2:])
     print(render(result))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(result, indent=2, default=str))
     return 0

@@ -37,7 +37,7 @@ from ._models import EngineStats, MissReasons, NewSession, Session, SessionState
 from ._scripts import Script, scripts
 from ._settings import EngineSettings
 from ._tokens import new_token, parse_token, random_tag, session_id_of
-from ._transport import Transport, TransportOptions, pack
+from ._transport import CommandTimeout, ConnectionLost, Transport, TransportOptions, pack
 
 __all__ = ["SessionEngine"]
 
@@ -116,6 +116,7 @@ class SessionEngine:
         self._metrics = Metrics(settings.latency_window)
         self._transport: Transport | None = None
         self._state = _State.NEW
+        self._timeout = settings.command_timeout
         self._idle_ms = round(settings.idle_ttl * 1000)
         self._absolute_ms = round(settings.absolute_ttl * 1000)
         self._slack_ms = str(round(settings.refresh_slack * self._idle_ms)).encode()
@@ -460,11 +461,26 @@ class SessionEngine:
         transport = self._transport
         if transport is None or self._state is not _State.OPEN:
             raise EngineError("the engine is not open: use `async with SessionEngine(...)`")
-        try:
-            reply = await transport.call(derived[0], packed, script=self._validate_script)
-        except EngineUnavailable:
-            m.errors += 1
-            raise
+        deadline = transport.loop.time() + self._timeout
+        fut = transport.try_send(derived[0], packed, deadline)
+        reply: Any = None
+        if fut is not None:
+            try:
+                reply = await fut
+            except CommandTimeout as exc:
+                m.errors += 1
+                raise EngineUnavailable(str(exc)) from exc
+            except ConnectionLost:
+                fut = None  # call() below retries within the same deadline
+        if fut is None or type(reply) is ReplyError:
+            # Slow path: redirects, NOSCRIPT, reconnects, retries, back-pressure.
+            try:
+                reply = await transport.call(
+                    derived[0], packed, deadline=deadline, script=self._validate_script
+                )
+            except EngineUnavailable:
+                m.errors += 1
+                raise
         m.latency((time.perf_counter() - t0) * 1000.0)
         if type(reply) is list:
             m.hits += 1
@@ -842,7 +858,6 @@ class SessionEngine:
         primaries = t.primaries()
         await asyncio.gather(*(t.call_node(node, "PING") for node in primaries))
         return len(primaries)
-
 
     async def stats(self) -> EngineStats:
         """Counters of this engine, latency percentiles, and the cluster's size.

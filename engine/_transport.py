@@ -628,6 +628,19 @@ class Transport:
     def deadline(self, timeout: float | None = None) -> float:
         return self.loop.time() + (self.options.command_timeout if timeout is None else timeout)
 
+    def try_send(self, slot: int, packed: bytes, deadline: float) -> asyncio.Future[Any] | None:
+        """The hot path's fast lane: queue ``packed`` on the slot's node if it has a live
+        connection with room, and return the reply's future; ``None`` if anything needs
+        ``call``'s slow path (connecting, back-pressure, a closed transport).
+
+        Saves the hot path a coroutine layer. The caller must hand any error reply or
+        failure to ``call``, which handles redirects, NOSCRIPT and retries.
+        """
+        conn = self._slot_nodes[slot].conn
+        if conn is None or not conn.alive or conn.full or self._state is not _State.OPEN:
+            return None
+        return conn.send(packed, deadline)
+
     async def call(
         self,
         slot: int,
