@@ -129,14 +129,19 @@ async def _open_loop(
     errors = 0
     cpu0 = time.process_time()
 
+    lags: list[float] = []
+
     async def one(i: int, scheduled: float) -> None:
         nonlocal errors
+        t0 = time.perf_counter()
         try:
             await op(i)
         except EngineError:
             errors += 1  # counted, not hidden: a timeout is a latency of "too long"
             return
-        latencies.append(time.perf_counter() - scheduled)
+        t1 = time.perf_counter()
+        latencies.append(t1 - t0)
+        lags.append(t1 - scheduled)
 
     sent = 0
     while sent < total:
@@ -161,7 +166,11 @@ async def _open_loop(
         _pct(latencies, 99),
         _pct(latencies, 99.9),
         cpu / max(1, total) * 1e6,
-        note=f"open loop, {rate:,.0f}/s offered, {errors} errors (timeouts)",
+        note=(
+            f"open loop, {rate:,.0f}/s offered, {errors} errors; latency from the call; "
+            f"from its scheduled time (incl. the generator's ~1 ms timer) p99 "
+            f"{_pct(lags, 99) or 0:.2f} ms"
+        ),
     )
 
 
