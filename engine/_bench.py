@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ._demo import Progress
+from ._console import Progress
+from ._console import percentile_ms as _pct
 from ._engine import SessionEngine
 from ._errors import EngineError
 from ._keys import slot_of_tag
@@ -56,13 +57,6 @@ class Row:
     cpu_us_per_op: float | None = None
     note: str = ""
     ratio: float | None = None
-
-
-def _pct(data: list[float], q: float) -> float | None:
-    if not data:
-        return None
-    data = sorted(data)
-    return data[min(len(data) - 1, int(q / 100 * len(data)))] * 1000.0
 
 
 async def _closed_loop(

@@ -12,11 +12,11 @@ import argparse
 import asyncio
 import contextlib
 import random
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from ._console import Progress, percentile_ms
 from ._engine import SessionEngine
 from ._errors import EngineUnavailable
 from ._keys import slot_of_tag
@@ -25,40 +25,6 @@ from ._settings import EngineSettings
 from ._tokens import parse_token
 
 __all__ = ["main"]
-
-
-class Progress:
-    """One self-rewriting status line on a terminal; plain lines otherwise."""
-
-    def __init__(self, stream: object = sys.stderr) -> None:
-        self._stream = stream
-        self._tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._last = 0.0
-
-    def update(self, text: str, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last < (0.1 if self._tty else 2.0):
-            return
-        self._last = now
-        out = self._stream
-        if self._tty:
-            print(f"\r\033[K  {text}", end="", file=out, flush=True)  # type: ignore[call-overload]
-        else:
-            print(f"  {text}", file=out, flush=True)  # type: ignore[call-overload]
-
-    def done(self, text: str) -> None:
-        out = self._stream
-        if self._tty:
-            print(f"\r\033[K  {text}", file=out, flush=True)  # type: ignore[call-overload]
-        else:
-            print(f"  {text}", file=out, flush=True)  # type: ignore[call-overload]
-
-
-def _pct(data: list[float], q: float) -> float:
-    if not data:
-        return float("nan")
-    data = sorted(data)
-    return data[min(len(data) - 1, int(q / 100 * len(data)))]
 
 
 @dataclass
@@ -267,8 +233,8 @@ async def _demo(args: argparse.Namespace, url: str, cl: object | None) -> int:
         report.add("validate", f"{rate:,.0f}/s with 256 concurrent tasks, one process")
         report.add(
             "validate latency",
-            f"p50 {_pct(lat, 50) * 1e3:.2f} ms, p99 {_pct(lat, 99) * 1e3:.2f} ms, "
-            f"p99.9 {_pct(lat, 99.9) * 1e3:.2f} ms",
+            f"p50 {percentile_ms(lat, 50) or 0:.2f} ms, p99 {percentile_ms(lat, 99) or 0:.2f} ms, "
+            f"p99.9 {percentile_ms(lat, 99.9) or 0:.2f} ms",
         )
         report.add("client CPU", f"{cpu / count * 1e6:.1f} us per validation")
 

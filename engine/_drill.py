@@ -25,9 +25,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ._demo import Progress
+from ._console import Progress
 from ._engine import SessionEngine
 from ._errors import EngineError, EngineUnavailable, ReplicationIncomplete
 from ._keys import slot_of_tag
@@ -241,11 +241,17 @@ async def _wait_promoted(cl: LocalCluster, victim: ClusterNode, report: DrillRep
     report.fault_notes.append("no promotion within 20 s")
 
 
-async def _manual_failover(cl: LocalCluster, victim: ClusterNode, report: DrillReport) -> None:
-    replica = _replica_of(cl, victim)
-    await _in_thread(cl.failover, replica.port)
-    await _in_thread(cl.wait_healthy, 30.0)
-    report.fault_notes.append(f"CLUSTER FAILOVER on replica {replica.port} of {victim.port}")
+def _replica_failover(mode: Literal["takeover"] | None) -> Fault:
+    """``CLUSTER FAILOVER [TAKEOVER]`` on the victim's replica, the primary still alive."""
+
+    async def fault(cl: LocalCluster, victim: ClusterNode, report: DrillReport) -> None:
+        replica = _replica_of(cl, victim)
+        await _in_thread(cl.failover, replica.port, mode)
+        await _in_thread(cl.wait_healthy, 30.0)
+        command = "CLUSTER FAILOVER" + (" TAKEOVER" if mode else "")
+        report.fault_notes.append(f"{command} on replica {replica.port} of {victim.port}")
+
+    return fault
 
 
 async def _forced_failover(cl: LocalCluster, victim: ClusterNode, report: DrillReport) -> None:
@@ -263,13 +269,6 @@ async def _forced_failover(cl: LocalCluster, victim: ClusterNode, report: DrillR
     )
     if old.role != "replica":
         raise RuntimeError(f"old primary {victim.port} came back as {old.role}")
-
-
-async def _takeover(cl: LocalCluster, victim: ClusterNode, report: DrillReport) -> None:
-    replica = _replica_of(cl, victim)
-    await _in_thread(cl.failover, replica.port, "takeover")
-    await _in_thread(cl.wait_healthy, 30.0)
-    report.fault_notes.append(f"CLUSTER FAILOVER TAKEOVER on {replica.port}")
 
 
 async def _script_flush(cl: LocalCluster, victim: ClusterNode, report: DrillReport) -> None:
@@ -340,9 +339,9 @@ def _debug_sleep(node: ClusterNode, seconds: float) -> None:
 
 SCENARIOS: dict[str, Fault] = {
     "kill-primary": _kill_primary,
-    "manual-failover": _manual_failover,
+    "manual-failover": _replica_failover(None),
     "forced-failover": _forced_failover,
-    "takeover": _takeover,
+    "takeover": _replica_failover("takeover"),
     "script-flush": _script_flush,
     "kill-loop": _kill_loop,
     "shard-down": _shard_down,

@@ -235,7 +235,13 @@ class SessionEngine:
             raise map_reply_error(reply, operation=operation)
         if acked is not None:
             if type(acked) is ReplyError:
-                raise map_reply_error(acked, operation=f"{operation} (WAIT)")
+                # e.g. UNBLOCKED: the primary became a replica during WAIT. The write ran
+                # but nobody confirmed it reached a replica.
+                raise ReplicationIncomplete(
+                    f"{operation}: WAIT failed: {acked}",
+                    acknowledged=0,
+                    wanted=self.settings.wait_replicas,
+                )
             wanted = self.settings.wait_replicas
             if acked < wanted:
                 raise ReplicationIncomplete(

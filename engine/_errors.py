@@ -79,7 +79,8 @@ def map_reply_error(reply: ReplyError, *, operation: str) -> EngineError:
     """The one place where a Redis error reply becomes an engine error."""
     message = str(reply)
     kind = message.split(" ", 1)[0]
-    if kind in ("OOM", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "BUSY"):
+    unknown = ("OOM", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "BUSY")
+    if kind in (*unknown, "UNBLOCKED"):
         # The server could not do it now; the answer is unknown: fail closed.
         return EngineUnavailable(f"{operation}: {message}")
     return EngineError(f"{operation}: unexpected Redis error: {message}")

@@ -697,7 +697,12 @@ class Transport:
                 conn.send_discard(_ASKING, deadline)
                 asking = None
             fut = conn.send(packed, deadline)
-            then_fut = conn.send(then, deadline) if then is not None else None
+            then_fut = None
+            if then is not None:
+                then_fut = conn.send(then, deadline)
+                # If the command itself fails, nobody awaits this one: retrieve its error
+                # so it is not reported as "never retrieved".
+                then_fut.add_done_callback(_retrieve)
             try:
                 reply = await fut
                 if then_fut is not None:
@@ -920,6 +925,11 @@ def evalsha_to_eval(packed: bytes, script: Script) -> bytes:
             packed[count_end + len(head) :],
         )
     )
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _is_noscript(result: Any) -> bool:
