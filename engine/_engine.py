@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import binascii
 import enum
+import itertools
 import time
 from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar, cast
 from urllib.parse import unquote
 
 import orjson
@@ -61,6 +62,8 @@ class _Unset(enum.Enum):
 
 
 _UNSET: Final = _Unset.UNSET
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class _State(enum.Enum):
@@ -71,6 +74,15 @@ class _State(enum.Enum):
 
 def _ms_to_dt(ms: float) -> datetime:
     return datetime.fromtimestamp(ms / 1000.0, tz=UTC)
+
+
+def _memo_put(memo: dict[K, V], key: K, value: V, limit: int) -> None:
+    """Insert into a bounded memo; when full, forget the older half (dicts keep insertion
+    order), so recently seen tokens stay and the cost stays O(1) amortised."""
+    if len(memo) >= limit:
+        for old in list(itertools.islice(memo, max(1, limit // 2))):
+            del memo[old]
+    memo[key] = value
 
 
 def _states_arg(states: Collection[SessionState]) -> bytes:
@@ -308,11 +320,8 @@ class SessionEngine:
             _ms_to_dt(int(head[1:14])),
             int(head[39:49]),
         )
-        heads = self._heads
         if self._derived_max:
-            if len(heads) >= self._derived_max:
-                heads.clear()
-            heads[head] = fixed
+            _memo_put(self._heads, head, fixed, self._derived_max)
         return fixed
 
     def _pack_validate(self, key: str, states_arg: bytes) -> bytes:
@@ -323,8 +332,8 @@ class SessionEngine:
 
         Pure function of the token, memoised: a live session's token comes back on every
         request, and parsing + SHA-256 + key building is a third of the client's CPU per
-        validation. The memo holds no validity (Redis is asked every time) and is dropped
-        whole when full, so a flood of random tokens costs nothing but misses.
+        validation. The memo holds no validity (Redis is asked every time) and forgets its
+        older half when full, so a flood of random tokens costs nothing but misses.
         """
         parsed = parse_token(token)
         if parsed is None:
@@ -339,11 +348,9 @@ class SessionEngine:
             # The whole EVALSHA of a validate with the default states, ready to write.
             self._pack_validate(key, self._default_states),
         )
-        cache = self._derived
         if self._derived_max:
-            if len(cache) >= self._derived_max:
-                cache.clear()
-            cache[token] = derived  # type: ignore[index]
+            # parse_token only accepts str, so the token is a str here.
+            _memo_put(self._derived, cast(str, token), derived, self._derived_max)
         return derived
 
     def _states(self, states: Collection[SessionState] | None) -> bytes:

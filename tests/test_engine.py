@@ -538,3 +538,14 @@ async def test_engine_lifecycle(cluster_url: str, prefix: str) -> None:
     await eng.aclose()  # twice is fine
     with pytest.raises(EngineError):
         await eng.open()  # a closed engine stays closed
+
+
+def test_memo_forgets_its_older_half_when_full() -> None:
+    from engine._engine import _memo_put
+
+    memo: dict[int, int] = {}
+    for i in range(10):
+        _memo_put(memo, i, i, 4)
+    assert len(memo) <= 4
+    assert 9 in memo and 8 in memo  # the most recent survive
+    assert 0 not in memo
