@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 
-from engine._loadtest import main as loadtest_main
-from engine.cluster import main as cluster_main
+# Each command is the ``main(argv) -> int`` of one module, imported only when used so
+# `python -m engine cluster down` does not pay for the benchmark's or Locust's imports.
+_COMMANDS = {
+    "demo": ("engine._demo", "the engine on a local six-node cluster, in about a minute"),
+    "bench": ("engine._bench", "throughput/latency against redis-py and redis-benchmark"),
+    "cluster": ("engine.cluster", "up|down|status: a local cluster in the background"),
+    "loadtest": ("engine._loadtest", "reference FastAPI service under headless Locust"),
+    "drill": ("engine._drill", "SCENARIO: a failover drill under load (kill-primary, ...)"),
+}
 
-_USAGE = """usage: python -m engine COMMAND [options]
-
-commands:
-  demo                    the engine on a local six-node cluster, in about a minute
-  bench                   throughput/latency against redis-py and redis-benchmark
-  cluster up|down|status  a local cluster in the background for development
-  loadtest                reference FastAPI service under headless Locust
-  drill SCENARIO          a failover drill under load (kill-primary, takeover, ...)
-"""
+_USAGE = "usage: python -m engine COMMAND [options]\n\ncommands:\n" + "\n".join(
+    f"  {name:<10}{text}" for name, (_, text) in _COMMANDS.items()
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,24 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         The process exit code.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["cluster"]:
-        return cluster_main(args[1:])
-    if args[:1] == ["loadtest"]:
-        return loadtest_main(args[1:])
-    if args[:1] == ["demo"]:
-        from engine._demo import main as demo_main  # noqa: PLC0415 - keep start-up light
-
-        return demo_main(args[1:])
-    if args[:1] == ["drill"]:
-        from engine._drill import main as drill_main  # noqa: PLC0415
-
-        return drill_main(args[1:])
-    if args[:1] == ["bench"]:
-        from engine._bench import main as bench_main  # noqa: PLC0415
-
-        return bench_main(args[1:])
-    print(_USAGE, file=sys.stderr)
-    return 2
+    if not args or args[0] not in _COMMANDS:
+        print(_USAGE, file=sys.stderr)
+        return 2
+    module = importlib.import_module(_COMMANDS[args[0]][0])
+    code: int = module.main(args[1:])
+    return code
 
 
 if __name__ == "__main__":
