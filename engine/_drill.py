@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -31,10 +32,13 @@ from ._console import Progress
 from ._engine import SessionEngine
 from ._errors import EngineError, EngineUnavailable, ReplicationIncomplete
 from ._keys import slot_of_tag
+from ._remote import RemoteCluster
 from ._run import run
 from ._settings import EngineSettings
 from ._tokens import parse_token
 from .cluster import ClusterNode, LocalCluster
+
+Cluster = LocalCluster | RemoteCluster
 
 __all__ = ["SCENARIOS", "DrillReport", "main", "run_drill"]
 
@@ -199,21 +203,21 @@ class _Load:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _replica_of(cl: LocalCluster, primary: ClusterNode) -> ClusterNode:
+def _replica_of(cl: Cluster, primary: ClusterNode) -> ClusterNode:
     for node in cl.replicas():
         if node.master_id == primary.node_id:
             return node
     raise RuntimeError(f"no live replica of {primary.port}")
 
 
-Fault = Callable[[LocalCluster, ClusterNode, DrillReport], Awaitable[None]]
+Fault = Callable[[Cluster, ClusterNode, DrillReport], Awaitable[None]]
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args)
 
 
-async def _kill_primary(cl: LocalCluster, victim: ClusterNode, report: DrillReport) -> None:
+async def _kill_primary(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
     killed = time.monotonic()
     await _in_thread(cl.kill, victim.port)
     await _wait_promoted(cl, victim, report)
@@ -225,7 +229,7 @@ async def _kill_primary(cl: LocalCluster, victim: ClusterNode, report: DrillRepo
     )
 
 
-async def _wait_promoted(cl: LocalCluster, victim: ClusterNode, report: DrillReport) -> None:
+async def _wait_promoted(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         nodes = await _in_thread(lambda: cl.nodes)
@@ -244,7 +248,7 @@ async def _wait_promoted(cl: LocalCluster, victim: ClusterNode, report: DrillRep
 def _replica_failover(mode: Literal["takeover"] | None) -> Fault:
     """``CLUSTER FAILOVER [TAKEOVER]`` on the victim's replica, the primary still alive."""
 
-    async def fault(cl: LocalCluster, victim: ClusterNode, report: DrillReport) -> None:
+    async def fault(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
         replica = _replica_of(cl, victim)
         await _in_thread(cl.failover, replica.port, mode)
         await _in_thread(cl.wait_healthy, 30.0)
@@ -254,7 +258,7 @@ def _replica_failover(mode: Literal["takeover"] | None) -> Fault:
     return fault
 
 
-async def _forced_failover(cl: LocalCluster, victim: ClusterNode, report: DrillReport) -> None:
+async def _forced_failover(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
     replica = _replica_of(cl, victim)
     await _in_thread(cl.pause, victim.port)
     try:
@@ -271,7 +275,7 @@ async def _forced_failover(cl: LocalCluster, victim: ClusterNode, report: DrillR
         raise RuntimeError(f"old primary {victim.port} came back as {old.role}")
 
 
-async def _script_flush(cl: LocalCluster, victim: ClusterNode, report: DrillReport) -> None:
+async def _script_flush(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
     for _ in range(3):
         for node in await _in_thread(lambda: cl.nodes):
             if node.alive:
@@ -280,7 +284,7 @@ async def _script_flush(cl: LocalCluster, victim: ClusterNode, report: DrillRepo
     report.fault_notes.append("SCRIPT FLUSH on every node, three times, 0.5 s apart")
 
 
-async def _kill_loop(cl: LocalCluster, victim: ClusterNode, report: DrillReport) -> None:
+async def _kill_loop(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
     rnd = random.Random(11)
     for round_ in range(10):
         primaries = await _in_thread(cl.primaries)
@@ -292,7 +296,7 @@ async def _kill_loop(cl: LocalCluster, victim: ClusterNode, report: DrillReport)
         report.fault_notes.append(f"round {round_ + 1}: killed {target.port}, promoted, restarted")
 
 
-async def _shard_down(cl: LocalCluster, victim: ClusterNode, report: DrillReport) -> None:
+async def _shard_down(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
     replica = _replica_of(cl, victim)
     await _in_thread(cl.kill, replica.port)
     await _in_thread(cl.kill, victim.port)
@@ -306,7 +310,7 @@ async def _shard_down(cl: LocalCluster, victim: ClusterNode, report: DrillReport
     )
 
 
-async def _restart_all(cl: LocalCluster, victim: ClusterNode, report: DrillReport) -> None:
+async def _restart_all(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
     ports = list(cl.ports)
     for port in ports:  # crash-restart, every node, same ports
         await _in_thread(cl.kill, port)
@@ -319,22 +323,12 @@ async def _restart_all(cl: LocalCluster, victim: ClusterNode, report: DrillRepor
     )
 
 
-async def _slow_node(cl: LocalCluster, victim: ClusterNode, report: DrillReport) -> None:
+async def _slow_node(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
     for _ in range(5):
         # DEBUG SLEEP blocks the server; a second connection sends it.
-        await _in_thread(_debug_sleep, victim, 0.3)
+        await _in_thread(cl.run, victim.port, "DEBUG", "SLEEP", 0.3)
         await asyncio.sleep(0.4)
     report.fault_notes.append(f"5 x DEBUG SLEEP 0.3 on primary {victim.port}, 0.4 s apart")
-
-
-def _debug_sleep(node: ClusterNode, seconds: float) -> None:
-    import redis  # noqa: PLC0415
-
-    client = redis.Redis(host=node.host, port=node.port, socket_timeout=seconds + 5)
-    try:
-        client.execute_command("DEBUG", "SLEEP", seconds)  # type: ignore[no-untyped-call]
-    finally:
-        client.close()
 
 
 SCENARIOS: dict[str, Fault] = {
@@ -363,7 +357,7 @@ def cluster_options(scenario: str, full_coverage: bool = False) -> dict[str, Any
 
 async def run_drill(
     scenario: str,
-    cl: LocalCluster,
+    cl: Cluster,
     *,
     sessions: int = 50_000,
     rate: float = 5_000,
@@ -531,6 +525,61 @@ def write_chart(report: DrillReport, path: Path) -> bool:
     return True
 
 
+REMOTE_SCENARIOS = ("manual-failover", "takeover", "script-flush", "slow-node")
+"""What a drill can do to a cluster it did not start: commands only, no signals."""
+
+
+def _write_outputs(report: DrillReport, out: Path) -> None:
+    print(report.summary())
+    stem = out / f"{report.scenario}-w{report.wait_replicas}"
+    stem.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2))
+    if write_chart(report, stem.with_suffix(".png")):
+        print(f"  chart: {stem.with_suffix('.png')}")
+    else:
+        print("  chart: skipped (pip install matplotlib, or the 'charts' extra)")
+    print(f"  json: {stem.with_suffix('.json')}")
+
+
+def _remote_main(args: argparse.Namespace) -> int:
+    names = list(REMOTE_SCENARIOS) if args.scenario == "all" else [args.scenario]
+    if not args.i_own_this_cluster:
+        print(
+            "refusing: a drill fails over nodes and floods the cluster with sessions; "
+            "add --i-own-this-cluster if that is fine for this cluster",
+            file=sys.stderr,
+        )
+        return 2
+    refused = [n for n in names if n not in REMOTE_SCENARIOS]
+    if refused:
+        print(
+            f"{', '.join(refused)}: needs process control (kill/SIGSTOP); with --url only "
+            f"{', '.join(REMOTE_SCENARIOS)} run. Use a LocalCluster (drop --url).",
+            file=sys.stderr,
+        )
+        return 2
+    cl = RemoteCluster(args.url)
+    status = 0
+    for name in names:
+        prefix = f"drill-{os.urandom(4).hex()}"
+        try:
+            report = run(
+                run_drill(
+                    name,
+                    cl,
+                    sessions=args.sessions,
+                    rate=args.rate,
+                    wait_replicas=args.wait_replicas,
+                    prefix=prefix,
+                )
+            )
+        finally:
+            cl.delete_prefix(prefix)  # leave the data as we found it (roles have changed)
+        _write_outputs(report, args.out)
+        if report.resurrected or report.failed_other:
+            status = 1
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m engine drill SCENARIO [...]``."""
     parser = argparse.ArgumentParser(prog="python -m engine drill", description=__doc__)
@@ -547,14 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("drill-results"))
     args = parser.parse_args(argv)
-    if args.url:
-        print(
-            "--url drills need a cluster the harness can kill nodes of: use a LocalCluster "
-            "(drop --url); remote fault injection is not supported yet",
-            file=sys.stderr,
-        )
-        return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.url:
+        return _remote_main(args)
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     status = 0
     for name in names:
@@ -568,14 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     wait_replicas=args.wait_replicas,
                 )
             )
-        print(report.summary())
-        stem = args.out / f"{name}-w{args.wait_replicas}"
-        stem.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2))
-        if write_chart(report, stem.with_suffix(".png")):
-            print(f"  chart: {stem.with_suffix('.png')}")
-        else:
-            print("  chart: skipped (pip install matplotlib, or the 'charts' extra)")
-        print(f"  json: {stem.with_suffix('.json')}")
+        _write_outputs(report, args.out)
         if report.resurrected or report.failed_other:
             status = 1
     return status

@@ -109,3 +109,42 @@ async def test_restart_all() -> None:
 async def test_kill_primary_at_full_scale() -> None:
     report = await drill("kill-primary", sessions=50_000, rate=5000)
     assert report.failed_other == 0
+
+
+def test_drill_on_a_cluster_it_did_not_start(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+    import sys
+
+    from helpers import all_keys
+
+    with LocalCluster(primaries=3, replicas_per_primary=1) as cl:
+        base = [sys.executable, "-m", "engine", "drill"]
+
+        def drill_cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*base, *args, "--out", str(tmp_path)],
+                capture_output=True,
+                text=True,
+                timeout=180,
+                check=False,
+            )
+
+        refused = drill_cli("manual-failover", "--url", cl.url)
+        assert refused.returncode == 2 and "--i-own-this-cluster" in refused.stderr
+        needs_signals = drill_cli("kill-primary", "--url", cl.url, "--i-own-this-cluster")
+        assert needs_signals.returncode == 2 and "process control" in needs_signals.stderr
+        ok = drill_cli(
+            "manual-failover",
+            "--url",
+            cl.url,
+            "--i-own-this-cluster",
+            "--sessions",
+            "2000",
+            "--rate",
+            "800",
+        )
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        report = json.loads((tmp_path / "manual-failover-w0.json").read_text())
+        assert report["failed_calls"] == 0 and report["calls"] > 2000
+        assert all_keys(cl.url, "drill") == []  # the drill removed its own sessions
