@@ -11,6 +11,7 @@ import asyncio
 import binascii
 import enum
 import itertools
+import ssl
 import time
 from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
@@ -164,6 +165,7 @@ class SessionEngine:
             raise EngineError("this engine was closed; make a new one")
         s = self.settings
         options = TransportOptions(
+            ssl=self._ssl_context(),
             url=s.url,
             username=s.username,
             password=s.password.get_secret_value() if s.password else None,
@@ -176,6 +178,22 @@ class SessionEngine:
         self._transport = await Transport.open(options, list(self._scripts.values()))
         self._state = _State.OPEN
         return self
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for ``rediss://`` URLs, from the ``tls_*`` settings."""
+        s = self.settings
+        if not s.url.startswith("rediss://"):
+            if s.tls_ca_file or s.tls_cert_file:
+                raise InvalidArgument("tls_* settings need a rediss:// url")
+            return None
+        try:
+            context = ssl.create_default_context(cafile=s.tls_ca_file)
+            if s.tls_cert_file:
+                context.load_cert_chain(s.tls_cert_file, s.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise InvalidArgument(f"cannot load the TLS files: {exc}") from exc
+        context.check_hostname = s.tls_verify_hostname
+        return context
 
     async def aclose(self) -> None:
         """Close the connections. Safe to call more than once."""

@@ -27,6 +27,17 @@ class EngineSettings(BaseSettings):
     username: str | None = None
     password: SecretStr | None = None
 
+    tls_ca_file: str | None = Field(
+        default=None, description="CA bundle for rediss:// (default: the system's CAs)."
+    )
+    tls_cert_file: str | None = Field(default=None, description="Client certificate (mTLS).")
+    tls_key_file: str | None = Field(default=None, description="Client key (mTLS).")
+    tls_verify_hostname: bool = Field(
+        default=True,
+        description="Check the server certificate names the host connected to. Turn off "
+        "only for clusters that announce IPs their certificates do not carry.",
+    )
+
     idle_ttl: float = Field(default=1800.0, gt=0, description="Sliding idle timeout.")
     absolute_ttl: float = Field(default=86400.0, gt=0, description="Hard lifetime cap.")
     refresh_slack: float = Field(

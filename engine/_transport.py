@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import enum
 import random
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -86,6 +87,7 @@ class TransportOptions:
     max_inflight_per_node: int = 20_000
     breaker_failures: int = 3
     breaker_reset: float = 0.25
+    ssl: ssl.SSLContext | None = None  # for rediss:// (built by the engine from settings)
 
 
 class _Sink:
@@ -366,6 +368,8 @@ class _Node:
                         lambda: _Connection(self, loop, opts.max_inflight_per_node),
                         self.host,
                         self.port,
+                        ssl=owner.ssl,
+                        server_hostname=self.host if owner.ssl is not None else None,
                     ),
                     opts.connect_timeout,
                 )
@@ -439,8 +443,11 @@ class Transport:
         self.refreshes = 0  # topology refreshes done (tests check bursts cause few)
         self.redirects = {"MOVED": 0, "ASK": 0}
         seed = urlparse(options.url)
-        if seed.scheme not in ("redis", ""):
-            raise InvalidArgument(f"unsupported URL scheme {seed.scheme!r} (redis:// only)")
+        if seed.scheme not in ("redis", "rediss", ""):
+            raise InvalidArgument(f"unsupported URL scheme {seed.scheme!r}: redis:// or rediss://")
+        self.ssl = options.ssl
+        if seed.scheme == "rediss" and self.ssl is None:
+            self.ssl = ssl.create_default_context()  # verify against the system's CAs
         self._seed = (seed.hostname or "127.0.0.1", seed.port or 6379)
         username = options.username or (unquote(seed.username) if seed.username else None)
         password = options.password or (unquote(seed.password) if seed.password else None)

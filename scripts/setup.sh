@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: redis-server/redis-cli (Debian packages, when missing), .venv,
+# Set up a fresh machine: redis-server/redis-cli/openssl (Debian packages, when missing), .venv,
 # and the engine with every extra. Idempotent and quiet; safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+# openssl makes the TLS tests' certificates.
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null \
+    || ! command -v openssl >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq redis-server redis-tools >/dev/null
+    apt-get install -y -qq redis-server redis-tools openssl >/dev/null
   else
-    echo "redis-server is missing: sudo apt-get install redis-server redis-tools" >&2
+    echo "missing: sudo apt-get install redis-server redis-tools openssl" >&2
     exit 1
   fi
 fi
