@@ -11,9 +11,10 @@ import asyncio
 import binascii
 import enum
 import itertools
+import math
 import ssl
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Self, TypeVar, cast
 from urllib.parse import unquote
@@ -37,7 +38,7 @@ from ._keys import KeySpace, slot_of_tag
 from ._metrics import Metrics
 from ._models import EngineStats, MissReasons, NewSession, Session, SessionState, build_session
 from ._scripts import Script, scripts
-from ._settings import EngineSettings
+from ._settings import MAX_TTL, EngineSettings
 from ._tokens import new_token, parse_token, random_tag, session_id_of
 from ._transport import CommandTimeout, ConnectionLost, Transport, TransportOptions, pack
 
@@ -64,6 +65,7 @@ class _Unset(enum.Enum):
 
 _UNSET: Final = _Unset.UNSET
 K = TypeVar("K")
+T = TypeVar("T")
 V = TypeVar("V")
 
 
@@ -132,7 +134,7 @@ class SessionEngine:
         self._timeout = settings.command_timeout
         self._idle_ms = round(settings.idle_ttl * 1000)
         self._absolute_ms = round(settings.absolute_ttl * 1000)
-        self._slack_ms = str(round(settings.refresh_slack * self._idle_ms)).encode()
+        self._slack = repr(settings.refresh_slack).encode()  # validate.lua's ARGV[3]
         self._chat_ttl_ms = round(settings.chat_ttl * 1000)
         self._states_cache: dict[frozenset[SessionState], bytes] = {
             _DEFAULT_STATES: _states_arg(_DEFAULT_STATES)
@@ -236,18 +238,75 @@ class SessionEngine:
         *,
         operation: str,
         idempotent: bool = True,
-        wait: bool = False,
     ) -> Any:
-        """Run one script in the slot of ``tag``; map errors; apply ``wait_replicas``."""
+        """Run one script in the slot of ``tag`` and return its reply; map errors."""
+        reply = await self._call(script, tag, keys, args, idempotent=idempotent, then=None)
+        if type(reply) is ReplyError:
+            raise map_reply_error(reply, operation=operation)
+        return reply
+
+    async def _write(
+        self,
+        script: Script,
+        tag: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        convert: Callable[[Any, int | None], T],
+        *,
+        operation: str,
+        idempotent: bool = True,
+    ) -> T:
+        """Run a writing script, then ``WAIT`` on the same connection if ``wait_replicas``.
+
+        ``convert(reply, acknowledged)`` turns the reply into the call's result (and raises
+        for replies that wrote nothing, e.g. "not found"). When fewer replicas than asked
+        acknowledged, ``ReplicationIncomplete`` carries that result: the write happened.
+        """
+        then = self._wait
+        reply = await self._call(script, tag, keys, args, idempotent=idempotent, then=then)
+        acked: Any = None
+        if then is not None:
+            reply, acked = reply
+        if type(reply) is ReplyError:
+            raise map_reply_error(reply, operation=operation)
+        if acked is None:
+            return convert(reply, None)
+        wanted = self.settings.wait_replicas
+        if type(acked) is ReplyError:
+            # e.g. UNBLOCKED: the primary became a replica during WAIT. The write ran but
+            # nobody confirmed it reached a replica.
+            result = convert(reply, 0)
+            raise ReplicationIncomplete(
+                f"{operation}: WAIT failed: {acked}", acknowledged=0, wanted=wanted, result=result
+            )
+        result = convert(reply, acked)
+        if acked < wanted:
+            raise ReplicationIncomplete(
+                f"{operation}: {acked} of {wanted} replicas acknowledged in time",
+                acknowledged=acked,
+                wanted=wanted,
+                result=result,
+            )
+        return result
+
+    async def _call(
+        self,
+        script: Script,
+        tag: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        idempotent: bool,
+        then: bytes | None,
+    ) -> Any:
         argv = (b"EVALSHA", script.sha, len(keys), *keys, *args)
-        then = self._wait if wait else None
         deadline = None
         if then is not None:
             deadline = self.transport.deadline(
                 self.settings.command_timeout + self.settings.wait_timeout
             )
         try:
-            reply = await self.transport.call(
+            return await self.transport.call(
                 slot_of_tag(tag),
                 pack(argv),
                 script=script,
@@ -258,29 +317,6 @@ class SessionEngine:
         except EngineUnavailable:
             self._metrics.errors += 1
             raise
-        acked: Any = None
-        if then is not None:
-            reply, acked = reply
-        if type(reply) is ReplyError:
-            raise map_reply_error(reply, operation=operation)
-        if acked is not None:
-            if type(acked) is ReplyError:
-                # e.g. UNBLOCKED: the primary became a replica during WAIT. The write ran
-                # but nobody confirmed it reached a replica.
-                raise ReplicationIncomplete(
-                    f"{operation}: WAIT failed: {acked}",
-                    acknowledged=0,
-                    wanted=self.settings.wait_replicas,
-                )
-            wanted = self.settings.wait_replicas
-            if acked < wanted:
-                raise ReplicationIncomplete(
-                    f"{operation}: {acked} of {wanted} replicas acknowledged in time",
-                    acknowledged=acked,
-                    wanted=wanted,
-                )
-            return reply, acked
-        return (reply, None) if wait else reply
 
     def _encode_data(self, data: Any, limit: int, what: str) -> bytes:
         if data is None:
@@ -301,10 +337,15 @@ class SessionEngine:
     def _ttl_ms(self, value: float | None, default: int, what: str) -> int:
         if value is None:
             return default
-        if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-            raise InvalidArgument(f"{what} must be a positive number of seconds")
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or not value > 0
+        ):
+            raise InvalidArgument(f"{what} must be a positive, finite number of seconds")
         ms = round(value * 1000)
-        if ms < 1 or ms > 10 * 365 * 86400 * 1000:
+        if ms < 1 or ms > MAX_TTL * 1000:
             raise InvalidArgument(f"{what} is out of range")
         return ms
 
@@ -343,7 +384,7 @@ class SessionEngine:
         return fixed
 
     def _pack_validate(self, key: str, states_arg: bytes) -> bytes:
-        return pack((b"EVALSHA", self._validate_sha, b"1", key, states_arg, b"1", self._slack_ms))
+        return pack((b"EVALSHA", self._validate_sha, b"1", key, states_arg, b"1", self._slack))
 
     def _derive(self, token: object) -> tuple[int, str, str, bytes] | None:
         """``(slot, session_id, key, packed validate)`` of a token; ``None`` if it does not parse.
@@ -440,7 +481,16 @@ class SessionEngine:
         if user_id is not None:
             keys.append(self._keys.user_index(tag, user_id))
         policy = "evict" if self.settings.session_limit_policy == "evict_oldest" else "refuse"
-        reply, acked = await self._run(
+
+        def created(reply: Any, acked: int | None) -> NewSession:
+            if reply == -1:
+                raise SessionLimitExceeded(
+                    f"user already has {self.settings.max_sessions_per_user} sessions"
+                )
+            session = self._session(sid, reply)
+            return NewSession(token=token, session=session, replicas_acknowledged=acked)
+
+        return await self._write(
             self._scripts["create"],
             tag,
             keys,
@@ -455,15 +505,8 @@ class SessionEngine:
                 policy,
                 self._keys.base(tag),
             ),
+            created,
             operation="create",
-            wait=True,
-        )
-        if reply == -1:
-            raise SessionLimitExceeded(
-                f"user already has {self.settings.max_sessions_per_user} sessions"
-            )
-        return NewSession(
-            token=token, session=self._session(sid, reply), replicas_acknowledged=acked
         )
 
     async def validate(
@@ -481,7 +524,8 @@ class SessionEngine:
         t0 = time.perf_counter()
         m = self._metrics
         m.validations += 1
-        derived = self._derived.get(token) or self._derive(token)
+        # The memo lookup needs a hashable key; anything but a str is not a token anyway.
+        derived = (self._derived.get(token) if type(token) is str else None) or self._derive(token)
         if derived is None:
             m.miss_malformed += 1
             return None
@@ -628,7 +672,7 @@ class SessionEngine:
         if state is not None and not isinstance(state, SessionState):
             raise InvalidArgument(f"state must be a SessionState, not {state!r}")
         if expected_version is not None and (
-            not isinstance(expected_version, int) or expected_version < 0
+            type(expected_version) is not int or expected_version < 0
         ):
             raise InvalidArgument("expected_version must be a non-negative int")
         has_data = data is not _UNSET
@@ -687,15 +731,16 @@ class SessionEngine:
             return await self._rotate_in_slot(tag, old_sid, owner)
         # Different slot: take (delete and read) first, so the old token is dead before the
         # new one exists; a failure in between logs the user out rather than cloning.
-        taken = await self._run(
+        record = await self._run(
             self._scripts["revoke"],
             tag,
             [self._keys.session(tag, old_sid)],
             (old_sid, self._keys.base(tag), ""),
             operation="rotate",
-            wait=True,
+            # Not idempotent: a resend after a lost connection would find the session
+            # already taken and lose its data. WAIT is for the create that follows.
+            idempotent=False,
         )
-        record = taken[0]
         if record == 0:
             raise SessionNotFound("no such session")
         assert user_id is not None
@@ -715,20 +760,22 @@ class SessionEngine:
     async def _rotate_in_slot(self, tag: str, old_sid: str, owner: str) -> NewSession:
         token = new_token(tag)
         sid = session_id_of(token[len(tag) + 1 :])
-        reply, acked = await self._run(
+
+        def rotated(reply: Any, acked: int | None) -> NewSession:
+            if reply == 0:
+                raise SessionNotFound("no such session")
+            session = self._session(sid, reply)
+            return NewSession(token=token, session=session, replicas_acknowledged=acked)
+
+        return await self._write(
             self._scripts["rotate"],
             tag,
             [self._keys.session(tag, old_sid), self._keys.session(tag, sid)],
             (old_sid, sid, self._keys.base(tag), owner),
+            rotated,
             operation="rotate",
             # Not idempotent: after a lost connection the old session may already be gone.
             idempotent=False,
-            wait=True,
-        )
-        if reply == 0:
-            raise SessionNotFound("no such session")
-        return NewSession(
-            token=token, session=self._session(sid, reply), replicas_acknowledged=acked
         )
 
     async def revoke(self, token: str) -> bool:
@@ -745,15 +792,14 @@ class SessionEngine:
         return await self._revoke(tag, sid, "")
 
     async def _revoke(self, tag: str, sid: str, owner: str) -> bool:
-        reply, _ = await self._run(
+        return await self._write(
             self._scripts["revoke"],
             tag,
             [self._keys.session(tag, sid)],
             (sid, self._keys.base(tag), owner),
+            lambda reply, _: bool(reply != 0),
             operation="revoke",
-            wait=True,
         )
-        return bool(reply != 0)
 
     async def revoke_session_id(self, user_id: str, session_id: str) -> bool:
         """Revoke one of ``user_id``'s sessions by its public id (a "log out that device")."""
@@ -769,7 +815,9 @@ class SessionEngine:
         """Delete every session of a user (but ``except_token``'s), atomically.
 
         With ``chat_owned_by_sessions`` also deletes the user's chat histories.
-        Returns the number of live sessions deleted.
+        Returns the number of live sessions deleted by the try that completed: while the
+        user's slot is being migrated a try can stop part-way (what it deleted stays
+        deleted) and the next one finishes the job, so the count may be lower.
         """
         self._keys.check_id(user_id, "user_id")
         tag = self._keys.user_tag(user_id)
@@ -778,7 +826,7 @@ class SessionEngine:
             parsed = parse_token(except_token)
             if parsed is not None and parsed[0] == tag:
                 keep = session_id_of(parsed[1])
-        reply, _ = await self._run(
+        return await self._write(
             self._scripts["revoke_user"],
             tag,
             [self._keys.user_index(tag, user_id), self._keys.user_rooms(tag, user_id)],
@@ -788,10 +836,9 @@ class SessionEngine:
                 b"1" if self.settings.chat_owned_by_sessions else b"0",
                 self._keys.encode_id(user_id),
             ),
+            lambda reply, _: int(reply),
             operation="revoke_user",
-            wait=True,
         )
-        return int(reply)
 
     async def list_user_sessions(self, user_id: str) -> list[Session]:
         """The user's live sessions, oldest deadline first. One script; prunes the index."""

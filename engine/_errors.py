@@ -75,13 +75,30 @@ class ReplyError(Exception):
     transport, never raised to callers (``map_reply_error`` turns it into an EngineError)."""
 
 
+_UNAVAILABLE = frozenset(
+    (
+        "OOM",
+        "READONLY",
+        "MASTERDOWN",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "LOADING",
+        "BUSY",
+        "UNBLOCKED",
+        "MOVED",
+        "ASK",
+        "NOSCRIPT",
+    )
+)
+
+
 def map_reply_error(reply: ReplyError, *, operation: str) -> EngineError:
     """The one place where a Redis error reply becomes an engine error."""
     message = str(reply)
     kind = message.split(" ", 1)[0]
-    unknown = ("OOM", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "BUSY")
-    if kind in (*unknown, "UNBLOCKED"):
-        # The server could not do it now; the answer is unknown: fail closed.
+    if kind in _UNAVAILABLE or "non local key" in message:
+        # The server could not do it now (or the deadline ran out mid-redirect): the
+        # answer is unknown, fail closed.
         return EngineUnavailable(f"{operation}: {message}")
     return EngineError(f"{operation}: unexpected Redis error: {message}")
 
@@ -90,9 +107,15 @@ class ReplicationIncomplete(EngineError):
     """Fewer replicas than ``wait_replicas`` acknowledged a write in time.
 
     The write is applied on the primary; it may be lost if that primary fails now.
+    ``result`` holds what the call would have returned (the ``NewSession`` of a create or
+    rotate, whose token is the only copy; the bool of a revoke; the count of a
+    revoke_user), so the caller can still use it or undo it.
     """
 
-    def __init__(self, message: str, *, acknowledged: int, wanted: int) -> None:
+    def __init__(
+        self, message: str, *, acknowledged: int, wanted: int, result: object = None
+    ) -> None:
         super().__init__(message)
         self.acknowledged = acknowledged
         self.wanted = wanted
+        self.result = result

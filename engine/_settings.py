@@ -7,7 +7,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["EngineSettings"]
+__all__ = ["MAX_TTL", "EngineSettings"]
+
+MAX_TTL = 10 * 365 * 86400.0
+"""Ten years, in seconds: the longest idle or absolute TTL a session can have."""
 
 
 class EngineSettings(BaseSettings):
@@ -38,8 +41,10 @@ class EngineSettings(BaseSettings):
         "only for clusters that announce IPs their certificates do not carry.",
     )
 
-    idle_ttl: float = Field(default=1800.0, gt=0, description="Sliding idle timeout.")
-    absolute_ttl: float = Field(default=86400.0, gt=0, description="Hard lifetime cap.")
+    # At most ten years: the stored layout has fixed-width millisecond fields (see
+    # lua/_prelude.lua), and create(idle_ttl=..., absolute_ttl=...) is held to the same cap.
+    idle_ttl: float = Field(default=1800.0, gt=0, le=MAX_TTL, description="Sliding idle timeout.")
+    absolute_ttl: float = Field(default=86400.0, gt=0, le=MAX_TTL, description="Hard lifetime cap.")
     refresh_slack: float = Field(
         default=0.05,
         ge=0,
@@ -58,7 +63,7 @@ class EngineSettings(BaseSettings):
 
     chat_max_messages: int = Field(default=200, ge=1, le=1_000_000)
     chat_max_message_bytes: int = Field(default=4096, ge=2, le=16 * 1024 * 1024)
-    chat_ttl: float = Field(default=7 * 86400.0, gt=0)
+    chat_ttl: float = Field(default=7 * 86400.0, gt=0, le=MAX_TTL)
     chat_owned_by_sessions: bool = Field(
         default=False,
         description=(

@@ -332,6 +332,8 @@ class _Node:
         conn = self.conn
         if conn is not None and conn.alive:
             return conn
+        if self.owner.closing:
+            raise EngineUnavailable("the transport is closed")
         loop = self.owner.loop
         if self.breaker_open(loop.time()):
             # Ask the cluster who serves these slots now: a replica may have been promoted.
@@ -349,6 +351,8 @@ class _Node:
         done, _ = await asyncio.wait({task}, timeout=left)
         if not done:
             raise EngineUnavailable(f"timed out connecting to {self.name}")
+        if task.cancelled():  # aclose() cancelled the connect: not the caller's cancellation
+            raise EngineUnavailable(f"connecting to {self.name} was cancelled (closing)")
         try:
             return task.result()
         except EngineUnavailable:
@@ -472,6 +476,9 @@ class Transport:
         return self
 
     async def _start(self, scripts: Sequence[Script]) -> None:
+        # The watchdog runs from the start, so discovery cannot hang on a seed that accepts
+        # the connection and then stops answering.
+        self._watchdog = self.loop.call_later(_WATCHDOG_INTERVAL, self._watch)
         seed = self._node(*self._seed)
         deadline = self.loop.time() + max(self.options.connect_timeout, 2.0)
         conn = await seed.connection(deadline)
@@ -492,7 +499,6 @@ class Transport:
         self._state = _State.OPEN
         self._scripts = {s.sha: s for s in scripts}
         await self.load_scripts(deadline)
-        self._watchdog = self.loop.call_later(_WATCHDOG_INTERVAL, self._watch)
         if self.cluster:
             self._background = self.loop.create_task(self._background_refresh())
 
@@ -621,7 +627,7 @@ class Transport:
                     conn.abort(EngineUnavailable(f"{node.name} stopped answering"))
                     self.request_refresh()
             conn.replied = False
-        if self._state is _State.OPEN:
+        if self._state is not _State.CLOSED:
             self._watchdog = self.loop.call_later(_WATCHDOG_INTERVAL, self._watch)
 
     # -- calls ------------------------------------------------------------------------
@@ -686,6 +692,8 @@ class Transport:
         evaled = False
         then_reply: Any = None
         while True:
+            if self._state is not _State.OPEN:
+                raise EngineUnavailable("the transport was closed during the call")
             node = asking or self._slot_nodes[slot]
             conn = node.conn
             if conn is None or not conn.alive:
@@ -748,7 +756,9 @@ class Transport:
                 packed = evalsha_to_eval(packed, script)
                 evaled = True
                 continue
-            if kind in _RETRY_LATER:
+            if kind in _RETRY_LATER or "non local key" in message:
+                # "ERR Script attempted to access a non local key": the slot is migrating
+                # and a key the script builds has moved already; like TRYAGAIN, wait.
                 if kind in ("MASTERDOWN", "READONLY", "CLUSTERDOWN"):
                     self.request_refresh()
                 attempt += 1
@@ -945,7 +955,8 @@ def _is_noscript(result: Any) -> bool:
 
 def _needs_retry(result: Any) -> bool:
     if type(result) is ReplyError:
-        return str(result).split(" ", 1)[0] in _RETRYABLE_KINDS
+        message = str(result)
+        return message.split(" ", 1)[0] in _RETRYABLE_KINDS or "non local key" in message
     return isinstance(result, EngineUnavailable)
 
 

@@ -2,8 +2,10 @@
 -- KEYS[1]  session key
 -- ARGV[1]  allowed state letters, e.g. 'a' or 'ap' (see _prelude.lua for the layout)
 -- ARGV[2]  '1' to refresh the idle TTL (validate), '0' to only read (get)
--- ARGV[3]  refresh slack, ms: rewrite the TTL only when it has fallen more than this
---          below the TTL it would be given, so most validations write nothing
+-- ARGV[3]  refresh slack, a fraction of the session's own idle ttl: rewrite the TTL only
+--          when it has fallen more than that below the TTL it would be given, so most
+--          validations write nothing (a fraction, so sessions created with a shorter
+--          idle ttl than the default are refreshed in time too)
 -- Reply:   0 unknown | 1 expired | 2 state not allowed | {value, pttl_ms}
 -- Never creates a key: a revoked or expired session stays dead (no resurrection).
 -- No prelude: validations that write nothing cost one GET and one PTTL, no TIME.
@@ -19,8 +21,8 @@ if pttl < 0 then
   return 1
 end
 if ARGV[2] == '1' then
-  local slack = tonumber(ARGV[3])
   local want = tonumber(string.sub(v, 15, 26))
+  local slack = tonumber(ARGV[3]) * want
   if want - pttl > slack then
     local t = redis.call('TIME')
     local left = tonumber(string.sub(v, 2, 14))

@@ -18,13 +18,12 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from helpers import delete_prefix
+from helpers import open_engine
 
-from engine import EngineSettings, SessionEngine
+from engine import SessionEngine
 from engine.cluster import LocalCluster
 
 
@@ -81,17 +80,6 @@ def backend_url(request: pytest.FixtureRequest) -> str:
 def prefix() -> str:
     """A key prefix unique to this test."""
     return f"t{uuid.uuid4().hex[:10]}"
-
-
-@asynccontextmanager
-async def open_engine(url: str, prefix: str, **fields: Any) -> AsyncIterator[SessionEngine]:
-    """An open engine on ``url`` under ``prefix``; its keys are deleted afterwards."""
-    settings = EngineSettings(url=url, key_prefix=prefix, **fields)
-    try:
-        async with SessionEngine(settings) as eng:
-            yield eng
-    finally:
-        await asyncio.to_thread(delete_prefix, url, prefix)
 
 
 @pytest.fixture

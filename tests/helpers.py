@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
 import redis
+
+from engine import EngineSettings, SessionEngine
 
 
 def primaries(url: str) -> list[redis.Redis]:
@@ -63,3 +70,14 @@ def all_values(url: str, prefix: str) -> list[bytes]:
                     for f, v in client.hgetall(key).items():
                         out.extend((f, v))
     return out
+
+
+@asynccontextmanager
+async def open_engine(url: str, prefix: str, **fields: Any) -> AsyncIterator[SessionEngine]:
+    """An open engine on ``url`` under ``prefix``; its keys are deleted afterwards."""
+    settings = EngineSettings(url=url, key_prefix=prefix, **fields)
+    try:
+        async with SessionEngine(settings) as eng:
+            yield eng
+    finally:
+        await asyncio.to_thread(delete_prefix, url, prefix)

@@ -549,3 +549,46 @@ def test_memo_forgets_its_older_half_when_full() -> None:
     assert len(memo) <= 4
     assert 9 in memo and 8 in memo  # the most recent survive
     assert 0 not in memo
+
+
+async def test_review_findings_stay_fixed(make_engine: Any) -> None:
+    """Regressions from the code review: each once failed as described."""
+    async with make_engine() as eng:
+        # A session with a shorter idle TTL than the default is refreshed in time (the
+        # refresh slack is a fraction of its own idle TTL, not of the default's).
+        short = await eng.create(user_id="short", idle_ttl=1.5)
+        for _ in range(4):
+            await asyncio.sleep(0.6)
+            assert await eng.validate(short.token) is not None
+        # Unhashable or absurd input: typed errors or None, never a crash.
+        assert await eng.validate([]) is None  # type: ignore[arg-type]
+        assert await eng.validate({}) is None  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument):
+            await eng.create(user_id="x", idle_ttl=float("inf"))
+        with pytest.raises(InvalidArgument):
+            await eng.create(user_id="x", absolute_ttl=float("nan"))
+        with pytest.raises(InvalidArgument):
+            await eng.update(short.token, data={}, expected_version=True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        EngineSettings(absolute_ttl=1e10)
+
+
+async def test_replication_incomplete_keeps_the_result(cluster_url: str, prefix: str) -> None:
+    """wait_replicas=2 on a cluster with one replica per primary never gets 2 acks: the
+    write happened, and the exception carries what the call would have returned."""
+    from helpers import open_engine
+
+    from engine import NewSession, ReplicationIncomplete
+
+    async with open_engine(cluster_url, prefix, wait_replicas=2, wait_timeout=0.1) as eng:
+        with pytest.raises(ReplicationIncomplete) as err:
+            await eng.create(user_id="durable")
+        new = err.value.result
+        assert isinstance(new, NewSession) and err.value.acknowledged == 1
+        assert await eng.validate(new.token) is not None  # the token is not lost
+        with pytest.raises(ReplicationIncomplete) as err2:
+            await eng.revoke(new.token)
+        assert err2.value.result is True
+        assert await eng.validate(new.token) is None
+        with pytest.raises(SessionNotFound):
+            await eng.rotate(new.token)  # nothing written: the natural error, not WAIT's
