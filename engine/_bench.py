@@ -191,18 +191,17 @@ async def _bench(args: argparse.Namespace, url: str) -> dict[str, Any]:
     async with SessionEngine(settings) as eng:
         progress.done(f"creating {args.sessions:,} sessions ...")
         tokens: list[str] = []
+        keys: list[str] = []  # the same sessions' keys, for the baselines
         for start in range(0, args.sessions, 2000):
             batch = range(start, min(args.sessions, start + 2000))
             news = await asyncio.gather(
                 *(eng.create(user_id=f"bench-{i}", data={"i": i, "role": "user"}) for i in batch)
             )
             tokens += [n.token for n in news]
-        keys = []
-        for tok in tokens:
-            tag, secret = parse_token(tok)  # type: ignore[misc]
-            from ._tokens import session_id_of  # noqa: PLC0415
-
-            keys.append(eng.keys.session(tag, session_id_of(secret)))
+            keys += [
+                eng.keys.session(eng.keys.user_tag(f"bench-{i}"), n.session.session_id)
+                for i, n in zip(batch, news, strict=True)
+            ]
         n = len(tokens)
         rnd = random.Random(1)
         order = [rnd.randrange(n) for _ in range(1 << 16)]

@@ -529,55 +529,42 @@ REMOTE_SCENARIOS = ("manual-failover", "takeover", "script-flush", "slow-node")
 """What a drill can do to a cluster it did not start: commands only, no signals."""
 
 
-def _write_outputs(report: DrillReport, out: Path) -> None:
+def _drill_and_report(args: argparse.Namespace, name: str, cl: Cluster, prefix: str) -> bool:
+    """Run one scenario, print and write its report; ``True`` if it found no loss."""
+    report = run(
+        run_drill(
+            name,
+            cl,
+            sessions=args.sessions,
+            rate=args.rate,
+            wait_replicas=args.wait_replicas,
+            prefix=prefix,
+        )
+    )
     print(report.summary())
-    stem = out / f"{report.scenario}-w{report.wait_replicas}"
+    stem = args.out / f"{report.scenario}-w{report.wait_replicas}"
     stem.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2))
     if write_chart(report, stem.with_suffix(".png")):
         print(f"  chart: {stem.with_suffix('.png')}")
     else:
         print("  chart: skipped (pip install matplotlib, or the 'charts' extra)")
     print(f"  json: {stem.with_suffix('.json')}")
+    return not (report.resurrected or report.failed_other)
 
 
-def _remote_main(args: argparse.Namespace) -> int:
-    names = list(REMOTE_SCENARIOS) if args.scenario == "all" else [args.scenario]
+def _remote_refusal(args: argparse.Namespace, names: Sequence[str]) -> str | None:
     if not args.i_own_this_cluster:
-        print(
+        return (
             "refusing: a drill fails over nodes and floods the cluster with sessions; "
-            "add --i-own-this-cluster if that is fine for this cluster",
-            file=sys.stderr,
+            "add --i-own-this-cluster if that is fine for this cluster"
         )
-        return 2
     refused = [n for n in names if n not in REMOTE_SCENARIOS]
     if refused:
-        print(
+        return (
             f"{', '.join(refused)}: needs process control (kill/SIGSTOP); with --url only "
-            f"{', '.join(REMOTE_SCENARIOS)} run. Use a LocalCluster (drop --url).",
-            file=sys.stderr,
+            f"{', '.join(REMOTE_SCENARIOS)} run. Use a LocalCluster (drop --url)."
         )
-        return 2
-    cl = RemoteCluster(args.url)
-    status = 0
-    for name in names:
-        prefix = f"drill-{os.urandom(4).hex()}"
-        try:
-            report = run(
-                run_drill(
-                    name,
-                    cl,
-                    sessions=args.sessions,
-                    rate=args.rate,
-                    wait_replicas=args.wait_replicas,
-                    prefix=prefix,
-                )
-            )
-        finally:
-            cl.delete_prefix(prefix)  # leave the data as we found it (roles have changed)
-        _write_outputs(report, args.out)
-        if report.resurrected or report.failed_other:
-            status = 1
-    return status
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -596,23 +583,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("drill-results"))
     args = parser.parse_args(argv)
+    everything = REMOTE_SCENARIOS if args.url else tuple(SCENARIOS)
+    names = list(everything) if args.scenario == "all" else [args.scenario]
+    if args.url and (refusal := _remote_refusal(args, names)):
+        print(refusal, file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.url:
-        return _remote_main(args)
-    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
-    status = 0
+    clean = True
     for name in names:
-        with LocalCluster(**cluster_options(name, args.full_coverage)) as cl:
-            report = run(
-                run_drill(
-                    name,
-                    cl,
-                    sessions=args.sessions,
-                    rate=args.rate,
-                    wait_replicas=args.wait_replicas,
-                )
-            )
-        _write_outputs(report, args.out)
-        if report.resurrected or report.failed_other:
-            status = 1
-    return status
+        if args.url:
+            # A cluster we did not start: our own prefix, removed afterwards (roles stay
+            # changed: that is what the drill does).
+            remote = RemoteCluster(args.url)
+            prefix = f"drill-{os.urandom(4).hex()}"
+            try:
+                clean &= _drill_and_report(args, name, remote, prefix)
+            finally:
+                remote.delete_prefix(prefix)
+        else:
+            with LocalCluster(**cluster_options(name, args.full_coverage)) as local:
+                clean &= _drill_and_report(args, name, local, "drill")
+    return 0 if clean else 1

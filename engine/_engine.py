@@ -557,9 +557,6 @@ class SessionEngine:
                 m.errors += 1
                 raise
         m.latency((time.perf_counter() - t0) * 1000.0)
-        if type(reply) is list:
-            m.hits += 1
-            return self._session(derived[1], reply)
         return self._validated(derived[1], reply)
 
     def _validated(self, sid: str, reply: Any) -> Session | None:
@@ -968,10 +965,6 @@ class SessionEngine:
             mode="cluster" if self.transport.cluster else "standalone",
         )
 
-    def _is_session_key(self, key: bytes) -> bool:
-        head = f"{self._prefix}:{{".encode()
-        return key.startswith(head) and b"}:s:" in key
-
     async def _node_stats(self, node: Any) -> tuple[int, int]:
         t = self.transport
         info = await t.call_node(node, "INFO", "memory")
@@ -998,5 +991,6 @@ class SessionEngine:
         keys = [k for k in replies if isinstance(k, bytes)]
         if not keys:
             return 0, memory
-        hits = sum(1 for k in keys if self._is_session_key(k))
+        is_session = self._keys.is_session_key
+        hits = sum(1 for k in keys if is_session(k))
         return round(size * hits / len(keys)), memory

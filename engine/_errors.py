@@ -92,11 +92,24 @@ _UNAVAILABLE = frozenset(
 )
 
 
+def reply_kind(reply: ReplyError) -> str:
+    """An error reply's kind: its first word (MOVED, ASK, TRYAGAIN, NOSCRIPT, ERR, ...).
+
+    One rename: a script that touches a key whose slot is migrating and which has moved
+    already gets "ERR Script attempted to access a non local key". That means what
+    TRYAGAIN means (the slot is on its way; ask again shortly), so it is TRYAGAIN here and
+    every user of the kind (retries, error mapping) treats it alike.
+    """
+    message = str(reply)
+    if "non local key" in message:
+        return "TRYAGAIN"
+    return message.split(" ", 1)[0]
+
+
 def map_reply_error(reply: ReplyError, *, operation: str) -> EngineError:
     """The one place where a Redis error reply becomes an engine error."""
     message = str(reply)
-    kind = message.split(" ", 1)[0]
-    if kind in _UNAVAILABLE or "non local key" in message:
+    if reply_kind(reply) in _UNAVAILABLE:
         # The server could not do it now (or the deadline ran out mid-redirect): the
         # answer is unknown, fail closed.
         return EngineUnavailable(f"{operation}: {message}")

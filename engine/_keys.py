@@ -18,7 +18,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from ._errors import InvalidArgument
 from ._tokens import TAG_BYTES
@@ -48,18 +48,15 @@ def key_slot(key: str | bytes) -> int:
 class KeySpace:
     """Builds every key name from a prefix; the only place that knows the layout."""
 
-    __slots__ = ("_max_id_bytes", "_prefix", "_tag_key")
+    __slots__ = ("_max_id_bytes", "_prefix", "_session_head", "_tag_key")
 
     def __init__(self, prefix: str, *, tag_secret: bytes | None, max_id_bytes: int) -> None:
         if "{" in prefix or "}" in prefix:
             raise InvalidArgument("key_prefix must not contain braces")
         self._prefix = prefix
+        self._session_head = f"{prefix}:{{".encode()
         self._tag_key = tag_secret
         self._max_id_bytes = max_id_bytes
-
-    @property
-    def prefix(self) -> str:
-        return self._prefix
 
     def base(self, tag: str) -> str:
         """``<prefix>:{<tag>}:``, the common head of every key with that tag."""
@@ -95,10 +92,6 @@ class KeySpace:
     def encode_id(value: str) -> str:
         return quote(value, safe="")
 
-    @staticmethod
-    def decode_id(value: str) -> str:
-        return unquote(value)
-
     def user_index(self, tag: str, user_id: str) -> str:
         return f"{self._prefix}:{{{tag}}}:u:{self.encode_id(user_id)}"
 
@@ -107,6 +100,10 @@ class KeySpace:
 
     def chat(self, tag: str, user_id: str, room_id: str) -> str:
         return f"{self._prefix}:{{{tag}}}:c:{self.encode_id(user_id)}:{self.encode_id(room_id)}"
+
+    def is_session_key(self, key: bytes) -> bool:
+        """Whether a key name (as Redis returns it) is one of this prefix's sessions."""
+        return key.startswith(self._session_head) and b"}:s:" in key
 
     def session_pattern(self) -> str:
         """A glob matching every session key under this prefix (for counting, not for use)."""

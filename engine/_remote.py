@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from .cluster import ClusterNode, HarnessError
+from .cluster import ClusterNode, HarnessError, _parse_cluster_nodes
 
 __all__ = ["RemoteCluster"]
 
@@ -55,31 +55,19 @@ class RemoteCluster:
     @property
     def nodes(self) -> list[ClusterNode]:
         """Every node the cluster knows, with its role and slots as the seed sees them."""
-        out = []
-        for raw in self._nodes_text().splitlines():
-            fields = raw.split()
-            if len(fields) < 8:
-                continue
-            address = fields[1].split(",", 1)[0].split("@", 1)[0]
-            host, _, port = address.rpartition(":")
-            flags = set(fields[2].split(","))
-            slots = []
-            for token in fields[8:]:
-                if not token.startswith("["):
-                    lo, _, hi = token.partition("-")
-                    slots.append((int(lo), int(hi or lo)))
-            out.append(
-                ClusterNode(
-                    host=host or self._seed[0],
-                    port=int(port),
-                    pid=None,
-                    role="replica" if "slave" in flags else "primary",
-                    node_id=fields[0],
-                    alive=not flags & {"fail", "fail?", "noaddr"},
-                    master_id=None if fields[3] == "-" else fields[3],
-                    slots=tuple(slots),
-                )
+        out = [
+            ClusterNode(
+                host=line.host or self._seed[0],
+                port=line.port,
+                pid=None,
+                role=line.role,
+                node_id=line.node_id,
+                alive=not line.failing,
+                master_id=line.master_id,
+                slots=line.slots,
             )
+            for line in _parse_cluster_nodes(self._nodes_text())
+        ]
         self._last = out
         return out
 

@@ -32,7 +32,6 @@ import contextlib
 import enum
 import random
 import ssl
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from urllib.parse import unquote, urlparse
 
 import hiredis
 
-from ._errors import EngineError, EngineUnavailable, InvalidArgument, ReplyError
+from ._errors import EngineError, EngineUnavailable, InvalidArgument, ReplyError, reply_kind
 from ._keys import SLOTS
 from ._scripts import Script
 
@@ -521,10 +520,6 @@ class Transport:
         if waits:
             await asyncio.wait(waits, timeout=1.0)
 
-    @property
-    def is_open(self) -> bool:
-        return self._state is _State.OPEN
-
     # -- topology ---------------------------------------------------------------------
 
     def _node(self, host: str, port: int) -> _Node:
@@ -735,7 +730,7 @@ class Transport:
             if type(reply) is not ReplyError:
                 return reply if then_fut is None else (reply, then_reply)
             message = str(reply)
-            kind = message.split(" ", 1)[0]
+            kind = reply_kind(reply)
             if kind == "MOVED":
                 slot_, host, port = _parse_redirect(message)
                 self._note_moved(slot_, host, port)
@@ -756,9 +751,7 @@ class Transport:
                 packed = evalsha_to_eval(packed, script)
                 evaled = True
                 continue
-            if kind in _RETRY_LATER or "non local key" in message:
-                # "ERR Script attempted to access a non local key": the slot is migrating
-                # and a key the script builds has moved already; like TRYAGAIN, wait.
+            if kind in _RETRY_LATER:
                 if kind in ("MASTERDOWN", "READONLY", "CLUSTERDOWN"):
                     self.request_refresh()
                 attempt += 1
@@ -950,16 +943,10 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 
 
 def _is_noscript(result: Any) -> bool:
-    return type(result) is ReplyError and str(result).startswith("NOSCRIPT")
+    return type(result) is ReplyError and reply_kind(result) == "NOSCRIPT"
 
 
 def _needs_retry(result: Any) -> bool:
     if type(result) is ReplyError:
-        message = str(result)
-        return message.split(" ", 1)[0] in _RETRYABLE_KINDS or "non local key" in message
+        return reply_kind(result) in _RETRYABLE_KINDS
     return isinstance(result, EngineUnavailable)
-
-
-def monotonic_ms() -> float:
-    """Milliseconds on the monotonic clock (for latency metrics)."""
-    return time.perf_counter() * 1000.0

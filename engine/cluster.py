@@ -124,6 +124,7 @@ class _NodeLine:
     """One parsed line of ``CLUSTER NODES``."""
 
     node_id: str
+    host: str
     port: int
     flags: frozenset[str]
     master_id: str | None
@@ -1150,7 +1151,7 @@ def _parse_cluster_nodes(text: str) -> list[_NodeLine]:
         if len(fields) < 8:
             continue
         address = fields[1].split(",", 1)[0].split("@", 1)[0]
-        port_text = address.rsplit(":", 1)[-1]
+        host, _, port_text = address.rpartition(":")
         slots: list[tuple[int, int]] = []
         for token in fields[8:]:
             if token.startswith("["):  # importing/migrating marker, not an owned slot
@@ -1160,6 +1161,7 @@ def _parse_cluster_nodes(text: str) -> list[_NodeLine]:
         result.append(
             _NodeLine(
                 node_id=fields[0],
+                host=host,
                 port=int(port_text) if port_text.isdigit() else 0,
                 flags=frozenset(fields[2].split(",")),
                 master_id=None if fields[3] == "-" else fields[3],

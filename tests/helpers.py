@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import redis
@@ -81,3 +85,46 @@ async def open_engine(url: str, prefix: str, **fields: Any) -> AsyncIterator[Ses
             yield eng
     finally:
         await asyncio.to_thread(delete_prefix, url, prefix)
+
+
+@contextmanager
+def plain_redis_server(*args: str, port_option: str = "--port") -> Iterator[int]:
+    """One throw-away ``redis-server`` with extra options, on a free loopback port given
+    with ``port_option`` (``--tls-port`` for TLS); stopped by its pid afterwards.
+
+    For servers the harness cannot manage (it needs to PING without a password or TLS).
+    """
+    exe = shutil.which("redis-server")
+    assert exe, "redis-server is missing: apt-get install redis-server"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    plain = ["--port", "0"] if port_option != "--port" else []
+    proc = subprocess.Popen(
+        [
+            exe,
+            port_option,
+            str(port),
+            *plain,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            *args,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(10)

@@ -3,57 +3,19 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
+from helpers import plain_redis_server
 from pydantic import SecretStr
 
 from engine import EngineSettings, EngineUnavailable, SessionEngine
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def protected_port() -> Iterator[int]:
-    exe = shutil.which("redis-server")
-    assert exe, "redis-server is missing: apt-get install redis-server"
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--requirepass",
-            "s3cret",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
+    with plain_redis_server("--requirepass", "s3cret") as port:
         yield port
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 async def test_password_in_the_url(protected_port: int) -> None:

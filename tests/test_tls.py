@@ -7,21 +7,14 @@ started and stopped here by pid.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import plain_redis_server
 
 from engine import EngineSettings, EngineUnavailable, InvalidArgument, SessionEngine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -31,8 +24,6 @@ def _openssl(*args: str, cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     assert shutil.which("openssl"), "openssl is missing: apt-get install openssl"
-    exe = shutil.which("redis-server")
-    assert exe, "redis-server is missing: apt-get install redis-server"
     d = tmp_path_factory.mktemp("tls")
     _openssl(
         "req",
@@ -82,43 +73,18 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, 
         "ext.cnf",
         cwd=d,
     )
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            "0",
-            "--tls-port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--tls-cert-file",
-            str(d / "server.crt"),
-            "--tls-key-file",
-            str(d / "server.key"),
-            "--tls-ca-cert-file",
-            str(d / "ca.crt"),
-            "--tls-auth-clients",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
+    with plain_redis_server(
+        "--tls-cert-file",
+        str(d / "server.crt"),
+        "--tls-key-file",
+        str(d / "server.key"),
+        "--tls-ca-cert-file",
+        str(d / "ca.crt"),
+        "--tls-auth-clients",
+        "no",
+        port_option="--tls-port",
+    ) as port:
         yield port, d
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 async def test_engine_over_tls(tls_server: tuple[int, Path]) -> None:
