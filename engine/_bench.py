@@ -424,7 +424,18 @@ def render(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; prints the table, writes JSON with ``--json``."""
+    args_in = list(sys.argv[2:] if argv is None else argv)
+    if "--http" in args_in:  # the HTTP benchmark beside the peers: engine/_httpbench.py
+        from ._httpbench import main as http_main  # noqa: PLC0415
+
+        return http_main([a for a in args_in if a != "--http"])
     parser = argparse.ArgumentParser(prog="python -m engine bench", description=__doc__)
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="GET /bare and /me under wrk for the engine and its peers "
+        "(python -m engine bench --http --help)",
+    )
     parser.add_argument("--url", help="benchmark this cluster instead of starting one")
     parser.add_argument("--sessions", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=256)

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: redis-server/redis-cli/openssl (Debian packages, when missing), .venv,
-# and the engine with every extra. Idempotent and quiet; safe to run again.
+# Set up a fresh machine: redis-server/redis-cli/openssl/wrk (Debian packages, when missing),
+# .venv, and the engine with every extra. Idempotent and quiet; safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# openssl makes the TLS tests' certificates.
+# openssl makes the TLS tests' certificates; wrk drives `python -m engine bench --http`.
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null \
-    || ! command -v openssl >/dev/null; then
+    || ! command -v openssl >/dev/null || ! command -v wrk >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq redis-server redis-tools openssl >/dev/null
+    apt-get install -y -qq redis-server redis-tools openssl wrk >/dev/null
   else
-    echo "missing: sudo apt-get install redis-server redis-tools openssl" >&2
+    echo "missing: sudo apt-get install redis-server redis-tools openssl wrk" >&2
     exit 1
   fi
 fi

@@ -1,0 +1,40 @@
+"""This engine, wired as its README shows: ``engine_lifespan`` + ``require_session``.
+
+``ENGINE_URL`` (a cluster node) and ``ENGINE_KEY_PREFIX`` come from the environment; nothing
+is cached in the process: every ``/me`` validates its token in Redis.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Response
+from pydantic import BaseModel
+
+from engine import Session, SessionEngine
+from engine.fastapi import engine_lifespan, get_engine, require_session, set_session_cookie
+
+app = FastAPI(lifespan=engine_lifespan())
+
+
+class Login(BaseModel):
+    user_id: str
+
+
+@app.get("/bare")
+async def bare() -> dict[str, Any]:
+    return {"ok": True}
+
+
+@app.post("/login")
+async def login(
+    body: Login, engine: Annotated[SessionEngine, Depends(get_engine)], response: Response
+) -> dict[str, Any]:
+    new = await engine.create(user_id=body.user_id)
+    set_session_cookie(response, new.token)  # production defaults (Secure, HttpOnly)
+    return {"ok": True}
+
+
+@app.get("/me")
+async def me(session: Annotated[Session, Depends(require_session)]) -> dict[str, Any]:
+    return {"user": session.user_id}
