@@ -5,9 +5,12 @@ Everything public is re-exported here; the ``_modules`` behind it are private.
 
 from ._engine import SessionEngine
 from ._errors import (
+    ChatRoomLimitExceeded,
     EngineError,
     EngineUnavailable,
     InvalidArgument,
+    LimitExceeded,
+    OutcomeUnknown,
     PayloadTooLarge,
     ReplicationIncomplete,
     SessionConflict,
@@ -19,13 +22,16 @@ from ._run import install_uvloop, run
 from ._settings import EngineSettings
 
 __all__ = [
+    "ChatRoomLimitExceeded",
     "EngineError",
     "EngineSettings",
     "EngineStats",
     "EngineUnavailable",
     "InvalidArgument",
+    "LimitExceeded",
     "MissReasons",
     "NewSession",
+    "OutcomeUnknown",
     "PayloadTooLarge",
     "ReplicationIncomplete",
     "Session",

@@ -23,10 +23,11 @@ import orjson
 from pydantic import BaseModel
 
 from ._errors import (
+    ChatRoomLimitExceeded,
     EngineError,
     EngineUnavailable,
     InvalidArgument,
-    PayloadTooLarge,
+    OutcomeUnknown,
     ReplicationIncomplete,
     ReplyError,
     SessionConflict,
@@ -37,8 +38,9 @@ from ._errors import (
 from ._keys import KeySpace, slot_of_tag
 from ._metrics import Metrics
 from ._models import EngineStats, MissReasons, NewSession, Session, SessionState, build_session
+from ._payload import encode_data
 from ._scripts import Script, scripts
-from ._settings import MAX_TTL, EngineSettings
+from ._settings import MAX_TTL, MIN_TTL, EngineSettings
 from ._tokens import new_token, parse_token, random_tag, session_id_of
 from ._transport import CommandTimeout, ConnectionLost, Transport, TransportOptions, pack
 
@@ -254,27 +256,33 @@ class SessionEngine:
         convert: Callable[[Any, int | None], T],
         *,
         operation: str,
-        idempotent: bool = True,
+        idempotent: bool = False,
+        deadline: float | None = None,
     ) -> T:
-        """Run a writing script, then ``WAIT`` on the same connection if ``wait_replicas``.
+        """Run a writing script, then ``WAIT`` (on the node's durable connection) if
+        ``wait_replicas``.
 
         ``convert(reply, acknowledged)`` turns the reply into the call's result (and raises
         for replies that wrote nothing, e.g. "not found"). When fewer replicas than asked
         acknowledged, ``ReplicationIncomplete`` carries that result: the write happened.
+        Writes are not sent again after a lost reply unless ``idempotent``.
         """
         then = self._wait
-        reply = await self._call(script, tag, keys, args, idempotent=idempotent, then=then)
+        reply = await self._call(
+            script, tag, keys, args, idempotent=idempotent, then=then, deadline=deadline
+        )
         acked: Any = None
         if then is not None:
             reply, acked = reply
         if type(reply) is ReplyError:
             raise map_reply_error(reply, operation=operation)
-        if acked is None:
+        if then is None:
             return convert(reply, None)
         wanted = self.settings.wait_replicas
-        if type(acked) is ReplyError:
-            # e.g. UNBLOCKED: the primary became a replica during WAIT. The write ran but
-            # nobody confirmed it reached a replica.
+        if type(acked) is not int:
+            # An error reply (UNBLOCKED: the primary became a replica during WAIT) or a
+            # lost connection after the write's reply: the write ran, but nobody confirmed
+            # that it reached a replica.
             result = convert(reply, 0)
             raise ReplicationIncomplete(
                 f"{operation}: WAIT failed: {acked}", acknowledged=0, wanted=wanted, result=result
@@ -298,13 +306,11 @@ class SessionEngine:
         *,
         idempotent: bool,
         then: bytes | None,
+        deadline: float | None = None,
     ) -> Any:
         argv = (b"EVALSHA", script.sha, len(keys), *keys, *args)
-        deadline = None
-        if then is not None:
-            deadline = self.transport.deadline(
-                self.settings.command_timeout + self.settings.wait_timeout
-            )
+        if deadline is None:
+            deadline = self.write_deadline() if then is not None else None
         try:
             return await self.transport.call(
                 slot_of_tag(tag),
@@ -318,21 +324,10 @@ class SessionEngine:
             self._metrics.errors += 1
             raise
 
-    def _encode_data(self, data: Any, limit: int, what: str) -> bytes:
-        if data is None:
-            return b"{}"
-        if isinstance(data, BaseModel):
-            raw = data.model_dump_json().encode()
-        elif isinstance(data, dict):
-            try:
-                raw = orjson.dumps(data)
-            except TypeError as exc:
-                raise InvalidArgument(f"{what} is not JSON-serialisable: {exc}") from exc
-        else:
-            raise InvalidArgument(f"{what} must be a dict or a pydantic model")
-        if len(raw) > limit:
-            raise PayloadTooLarge(f"{what} is {len(raw)} bytes, more than {limit}")
-        return raw
+    def write_deadline(self) -> float:
+        """The loop time by which a write (and its WAIT, if any) must be answered."""
+        extra = self.settings.wait_timeout if self._wait is not None else 0.0
+        return self.transport.deadline(self.settings.command_timeout + extra)
 
     def _ttl_ms(self, value: float | None, default: int, what: str) -> int:
         if value is None:
@@ -341,13 +336,12 @@ class SessionEngine:
             not isinstance(value, int | float)
             or isinstance(value, bool)
             or not math.isfinite(value)
-            or not value > 0
+            or not MIN_TTL <= value <= MAX_TTL
         ):
-            raise InvalidArgument(f"{what} must be a positive, finite number of seconds")
-        ms = round(value * 1000)
-        if ms < 1 or ms > MAX_TTL * 1000:
-            raise InvalidArgument(f"{what} is out of range")
-        return ms
+            raise InvalidArgument(
+                f"{what} must be a number of seconds from {MIN_TTL:g} to {MAX_TTL:g}"
+            )
+        return round(value * 1000)
 
     def _session(self, session_id: str, record: Sequence[Any]) -> Session:
         """A Session from a record reply ``[value, pttl_ms]`` (layout: lua/_prelude.lua)."""
@@ -451,9 +445,11 @@ class SessionEngine:
         """
         if not isinstance(state, SessionState):
             raise InvalidArgument(f"state must be a SessionState, not {state!r}")
-        raw = self._encode_data(data, self.settings.max_payload_bytes, "data")
+        raw = encode_data(data, self.settings.max_payload_bytes, "data")
         idle = self._ttl_ms(idle_ttl, self._idle_ms, "idle_ttl")
         absolute = self._ttl_ms(absolute_ttl, self._absolute_ms, "absolute_ttl")
+        if absolute < idle:
+            raise InvalidArgument("absolute_ttl must be >= idle_ttl")
         if user_id is None:
             tag = random_tag()
             user_enc = ""
@@ -473,8 +469,9 @@ class SessionEngine:
         idle: int,
         absolute: int,
     ) -> NewSession:
-        # The token exists before the first try, so a retry after a lost connection finds
-        # its own key and returns it: create is idempotent.
+        # Not sent again after a lost reply (OutcomeUnknown): a resend after a revoke_user
+        # that ran in between would bring the revoked session back. What the lost try may
+        # have made is a session whose token nobody holds: it idles out.
         token = new_token(tag)
         sid = session_id_of(token[len(tag) + 1 :])
         keys = [self._keys.session(tag, sid)]
@@ -580,9 +577,10 @@ class SessionEngine:
     ) -> list[Session | None]:
         """Validate many tokens at once: one pipelined round per node, results in order.
 
-        Tokens go out in batches of ``bulk_batch`` (setting, default 5,000), each batch
-        with its own ``command_timeout`` deadline, so a very long list is not held to the
-        deadline of one call.
+        Tokens are taken from ``tokens`` and sent in batches of ``bulk_batch`` (setting,
+        default 5,000), each with its own ``command_timeout`` deadline, so a very long list
+        is not held to the deadline of one call, and only one batch is prepared at a time
+        (``tokens`` may be a generator of millions).
 
         Raises:
             EngineUnavailable: if any token's node did not answer in time (fail closed:
@@ -591,46 +589,38 @@ class SessionEngine:
         states_arg = self._states(states)
         default = states is None
         m = self._metrics
-        out: list[Session | None] = []
-        sids: list[str | None] = []
-        items: list[tuple[int, bytes]] = []
-        positions: list[int] = []
+        transport = self.transport
         derived_cache = self._derived
         derive = self._derive
-        for tok in tokens:
-            out.append(None)
-            derived = derived_cache.get(tok) if type(tok) is str else None
-            if derived is None:
-                derived = derive(tok)
-                if derived is None:
-                    m.miss_malformed += 1
-                    sids.append(None)
-                    continue
-            if default:
-                items.append((derived[0], derived[3]))
-            else:
-                items.append((derived[0], self._pack_validate(derived[2], states_arg)))
-            positions.append(len(out) - 1)
-            sids.append(derived[1])
-        m.validations += len(out)
-        if not items:
-            return out
-        transport = self.transport
-        replies: list[Any] = []
         batch = self.settings.bulk_batch
-        for start in range(0, len(items), batch):
-            chunk = await transport.call_many(
-                items[start : start + batch], script=self._validate_script
-            )
-            failed = next((r for r in chunk if isinstance(r, EngineUnavailable)), None)
+        out: list[Session | None] = []
+        source = iter(tokens)
+        while chunk := list(itertools.islice(source, batch)):
+            m.validations += len(chunk)
+            items: list[tuple[int, bytes]] = []
+            sent: list[tuple[int, str]] = []  # (position in out, session id)
+            for tok in chunk:
+                out.append(None)
+                derived = derived_cache.get(tok) if type(tok) is str else None
+                if derived is None:
+                    derived = derive(tok)
+                    if derived is None:
+                        m.miss_malformed += 1
+                        continue
+                if default:
+                    items.append((derived[0], derived[3]))
+                else:
+                    items.append((derived[0], self._pack_validate(derived[2], states_arg)))
+                sent.append((len(out) - 1, derived[1]))
+            if not items:
+                continue
+            replies = await transport.call_many(items, script=self._validate_script)
+            failed = next((r for r in replies if isinstance(r, EngineUnavailable)), None)
             if failed is not None:
                 m.errors += 1
                 raise EngineUnavailable(f"validate_many: {failed}") from failed
-            replies += chunk
-        for pos, reply in zip(positions, replies, strict=True):
-            sid_ = sids[pos]
-            assert sid_ is not None
-            out[pos] = self._validated(sid_, reply)
+            for (pos, sid), reply in zip(sent, replies, strict=True):
+                out[pos] = self._validated(sid, reply)
         return out
 
     async def get(self, token: str) -> Session | None:
@@ -674,13 +664,24 @@ class SessionEngine:
             raise InvalidArgument("expected_version must be a non-negative int")
         has_data = data is not _UNSET
         raw = (
-            self._encode_data(data, self.settings.max_payload_bytes, "data")
+            encode_data(data, self.settings.max_payload_bytes, "data")
             if not isinstance(data, _Unset)
             else b""
         )
         tag, secret = parsed
         sid = session_id_of(secret)
-        reply = await self._run(
+
+        def updated(reply: Any, _: int | None) -> Session:
+            if reply == 0:
+                raise SessionNotFound("no such session")
+            if reply[0] == b"conflict":
+                raise SessionConflict(
+                    f"version is {reply[1]}, not {expected_version}",
+                    current_version=int(reply[1]),
+                )
+            return self._session(sid, reply)
+
+        return await self._write(
             self._scripts["update"],
             tag,
             [self._keys.session(tag, sid)],
@@ -690,17 +691,9 @@ class SessionEngine:
                 _STATE_CODE[state] if state is not None else "",
                 -1 if expected_version is None else expected_version,
             ),
+            updated,
             operation="update",
-            # Not idempotent: a blind resend after a lost connection could apply twice.
-            idempotent=False,
         )
-        if reply == 0:
-            raise SessionNotFound("no such session")
-        if reply[0] == b"conflict":
-            raise SessionConflict(
-                f"version is {reply[1]}, not {expected_version}", current_version=int(reply[1])
-            )
-        return self._session(sid, reply)
 
     async def rotate(self, token: str, user_id: str | None = None) -> NewSession:
         """Issue a new token for a live session; the old token stops working at once.
@@ -727,24 +720,30 @@ class SessionEngine:
             owner = self._keys.encode_id(user_id) if user_id is not None else ""
             return await self._rotate_in_slot(tag, old_sid, owner)
         # Different slot: take (delete and read) first, so the old token is dead before the
-        # new one exists; a failure in between logs the user out rather than cloning.
-        record = await self._run(
-            self._scripts["revoke"],
-            tag,
-            [self._keys.session(tag, old_sid)],
-            (old_sid, self._keys.base(tag), ""),
-            operation="rotate",
-            # Not idempotent: a resend after a lost connection would find the session
-            # already taken and lose its data. WAIT is for the create that follows.
-            idempotent=False,
-        )
+        # new one exists; a failure in between logs the user out rather than cloning. Both
+        # steps are writes like any other: WAITed under wait_replicas, never sent again
+        # after a lost reply (a resend would find the session taken and lose its data).
+        taken: ReplicationIncomplete | None = None
+        try:
+            record = await self._write(
+                self._scripts["revoke"],
+                tag,
+                [self._keys.session(tag, old_sid)],
+                (old_sid, self._keys.base(tag), ""),
+                lambda reply, _: reply,
+                operation="rotate",
+            )
+        except ReplicationIncomplete as exc:
+            # The old token is dead on the primary, unconfirmed on the replicas: go on,
+            # and say so with the new session (the caller holds its only token).
+            record, taken = exc.result, exc
         if record == 0:
             raise SessionNotFound("no such session")
         assert user_id is not None
         # A login is a privilege change: the session starts a new life in the user's slot
         # (new absolute deadline), keeping its data, state and idle ttl.
         value: bytes = record[0]
-        return await self._create(
+        new = await self._create(
             new_tag,
             user_id,
             self._keys.encode_id(user_id),
@@ -753,6 +752,14 @@ class SessionEngine:
             int(value[14:26]),
             self._absolute_ms,
         )
+        if taken is not None:
+            raise ReplicationIncomplete(
+                f"rotate: removing the old session: {taken}",
+                acknowledged=taken.acknowledged,
+                wanted=taken.wanted,
+                result=new,
+            )
+        return new
 
     async def _rotate_in_slot(self, tag: str, old_sid: str, owner: str) -> NewSession:
         token = new_token(tag)
@@ -771,15 +778,20 @@ class SessionEngine:
             (old_sid, sid, self._keys.base(tag), owner),
             rotated,
             operation="rotate",
-            # Not idempotent: after a lost connection the old session may already be gone.
-            idempotent=False,
         )
 
     async def revoke(self, token: str) -> bool:
-        """Delete a session. ``True`` if a live session was deleted; never resurrects.
+        """Delete a session. ``True`` if this call deleted a live session; never resurrects.
+
+        After a lost reply the delete is sent once more (a delete cannot bring anything
+        back): if that one deletes the session, the answer is ``True``; if it finds nothing,
+        the session is certainly gone, but whether this call ended it is not known, and
+        ``OutcomeUnknown`` says so rather than answering ``False``.
 
         Raises:
             EngineUnavailable: not confirmed; the session may still be live. Retry.
+            OutcomeUnknown: the session is not live now; whether this call deleted it is
+                unknown (a reply was lost).
         """
         parsed = parse_token(token)
         if parsed is None:
@@ -789,7 +801,7 @@ class SessionEngine:
         return await self._revoke(tag, sid, "")
 
     async def _revoke(self, tag: str, sid: str, owner: str) -> bool:
-        return await self._write(
+        deleted = await self._write_resending_once(
             self._scripts["revoke"],
             tag,
             [self._keys.session(tag, sid)],
@@ -797,6 +809,41 @@ class SessionEngine:
             lambda reply, _: bool(reply != 0),
             operation="revoke",
         )
+        if deleted is None:
+            raise OutcomeUnknown(
+                "revoke: a reply was lost; the session is not live now, but whether this "
+                "call ended it is unknown"
+            )
+        return deleted
+
+    async def _write_resending_once(
+        self,
+        script: Script,
+        tag: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        convert: Callable[[Any, int | None], T],
+        *,
+        operation: str,
+    ) -> T | None:
+        """A delete, sent once more (within the same deadline) if its reply was lost.
+
+        Deletes are the writes a resend cannot turn into a resurrection. Returns the first
+        try's result, or ``None`` after a lost reply when the second try found nothing to
+        do (the first may have done it), else the second try's result.
+        """
+        deadline = self.write_deadline()
+        try:
+            return await self._write(
+                script, tag, keys, args, convert, operation=operation, deadline=deadline
+            )
+        except OutcomeUnknown:
+            if self.transport.loop.time() >= deadline:
+                raise
+        again = await self._write(
+            script, tag, keys, args, convert, operation=operation, deadline=deadline
+        )
+        return again if again else None
 
     async def revoke_session_id(self, user_id: str, session_id: str) -> bool:
         """Revoke one of ``user_id``'s sessions by its public id (a "log out that device")."""
@@ -814,7 +861,13 @@ class SessionEngine:
         With ``chat_owned_by_sessions`` also deletes the user's chat histories.
         Returns the number of live sessions deleted by the try that completed: while the
         user's slot is being migrated a try can stop part-way (what it deleted stays
-        deleted) and the next one finishes the job, so the count may be lower.
+        deleted) and the next one finishes the job, and after a lost reply the call is
+        sent once more (a delete cannot resurrect), so the count may be lower.
+
+        Raises:
+            EngineUnavailable: not confirmed; sessions may still be live. Retry.
+            OutcomeUnknown: a reply was lost and the second try found nothing left: every
+                session is gone, but how many this call ended is unknown.
         """
         self._keys.check_id(user_id, "user_id")
         tag = self._keys.user_tag(user_id)
@@ -823,7 +876,7 @@ class SessionEngine:
             parsed = parse_token(except_token)
             if parsed is not None and parsed[0] == tag:
                 keep = session_id_of(parsed[1])
-        return await self._write(
+        count = await self._write_resending_once(
             self._scripts["revoke_user"],
             tag,
             [self._keys.user_index(tag, user_id), self._keys.user_rooms(tag, user_id)],
@@ -836,6 +889,12 @@ class SessionEngine:
             lambda reply, _: int(reply),
             operation="revoke_user",
         )
+        if count is None:
+            raise OutcomeUnknown(
+                "revoke_user: a reply was lost; no session is left, but how many this call "
+                "ended is unknown"
+            )
+        return count
 
     async def list_user_sessions(self, user_id: str) -> list[Session]:
         """The user's live sessions, oldest deadline first. One script; prunes the index."""
@@ -860,18 +919,30 @@ class SessionEngine:
         """Append a message to a user's chat history in a room; returns the new length.
 
         The history keeps the newest ``chat_max_messages`` and expires ``chat_ttl``
-        seconds after the last append. Not retried after a lost connection (it could
-        append twice); raises ``EngineUnavailable`` instead.
+        seconds after the last append. Not sent again after a lost reply (it could append
+        twice): ``OutcomeUnknown`` instead. WAITed like every write under ``wait_replicas``.
 
         Raises:
             SessionNotFound: ``chat_owned_by_sessions`` is set and the user has no live
                 session.
+            ChatRoomLimitExceeded: the room is new and the user has
+                ``chat_max_rooms_per_user`` rooms (rooms cleared or expired do not count).
         """
         self._keys.check_id(user_id, "user_id")
         self._keys.check_id(room_id, "room_id")
-        raw = self._encode_data(message, self.settings.chat_max_message_bytes, "message")
+        raw = encode_data(message, self.settings.chat_max_message_bytes, "message")
         tag = self._keys.user_tag(user_id)
-        reply = await self._run(
+
+        def appended(reply: Any, _: int | None) -> int:
+            if reply == -1:
+                raise SessionNotFound("the user has no live session")
+            if reply == -2:
+                raise ChatRoomLimitExceeded(
+                    f"the user has {self.settings.chat_max_rooms_per_user} chat rooms already"
+                )
+            return int(reply)
+
+        return await self._write(
             self._scripts["chat_append"],
             tag,
             [
@@ -886,13 +957,12 @@ class SessionEngine:
                 self._keys.encode_id(room_id),
                 b"1" if self.settings.chat_owned_by_sessions else b"0",
                 self._keys.base(tag),
+                self.settings.chat_max_rooms_per_user,
+                self._keys.encode_id(user_id),
             ),
+            appended,
             operation="chat_append",
-            idempotent=False,
         )
-        if reply == -1:
-            raise SessionNotFound(f"user {user_id!r} has no live session")
-        return int(reply)
 
     async def chat_history(self, user_id: str, room_id: str, limit: int = 50) -> list[Any]:
         """The newest ``limit`` messages, oldest first."""
@@ -910,15 +980,20 @@ class SessionEngine:
         return [orjson.loads(m) for m in reply]
 
     async def chat_clear(self, user_id: str, room_id: str) -> None:
-        """Delete one chat history."""
+        """Delete one chat history (its room no longer counts against the room limit)."""
         self._keys.check_id(user_id, "user_id")
         self._keys.check_id(room_id, "room_id")
         tag = self._keys.user_tag(user_id)
-        reply = await self.transport.call(
-            slot_of_tag(tag), pack(("DEL", self._keys.chat(tag, user_id, room_id)))
+        await self._write(
+            self._scripts["chat_clear"],
+            tag,
+            [self._keys.chat(tag, user_id, room_id), self._keys.user_rooms(tag, user_id)],
+            (self._keys.encode_id(room_id),),
+            lambda reply, _: None,
+            operation="chat_clear",
+            # A delete: sending it again after a lost reply cannot bring anything back.
+            idempotent=True,
         )
-        if type(reply) is ReplyError:
-            raise map_reply_error(reply, operation="chat_clear")
 
     # -- health and stats -------------------------------------------------------------
 

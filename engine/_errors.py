@@ -4,14 +4,20 @@ Every error the engine raises on purpose is an ``EngineError``::
 
     EngineError
     ├── EngineUnavailable        Redis did not answer in time, a node is down, the cluster
-    │                            is failing over: the answer is unknown, so fail closed
-    │                            (a web service turns this into 503, never into "valid").
+    │   │                        is failing over: the answer is unknown, so fail closed
+    │   │                        (a web service turns this into 503, never into "valid").
+    │   └── OutcomeUnknown       a write was sent and its reply lost: it may or may not
+    │                            have been applied, and it was not sent again (a resend
+    │                            could undo a later delete)
     ├── InvalidArgument          a user id, room id, TTL or token argument the engine refuses
     │   └── PayloadTooLarge      session data or a chat message over its configured size
     ├── SessionNotFound          the session is gone (expired, revoked, never existed)
     ├── SessionConflict          compare-and-set on ``version`` lost the race
-    ├── SessionLimitExceeded     the user has ``max_sessions_per_user`` live sessions and
-    │                            the limit policy is ``refuse``
+    ├── LimitExceeded            a per-user bound of the settings would be passed
+    │   ├── SessionLimitExceeded the user has ``max_sessions_per_user`` live sessions and
+    │   │                        the limit policy is ``refuse``
+    │   └── ChatRoomLimitExceeded
+    │                            the user has ``chat_max_rooms_per_user`` chat rooms
     └── ReplicationIncomplete    ``wait_replicas`` is set and fewer replicas than asked
                                  acknowledged a write within ``wait_timeout`` (the write
                                  itself happened on the primary)
@@ -23,9 +29,12 @@ place, ``map_reply_error`` and the transport, always with ``raise ... from``.
 from __future__ import annotations
 
 __all__ = [
+    "ChatRoomLimitExceeded",
     "EngineError",
     "EngineUnavailable",
     "InvalidArgument",
+    "LimitExceeded",
+    "OutcomeUnknown",
     "PayloadTooLarge",
     "ReplicationIncomplete",
     "SessionConflict",
@@ -43,6 +52,16 @@ class EngineUnavailable(EngineError):
 
     The outcome of a write that raised this is unknown; a read that raised it checked
     nothing. Callers must fail closed.
+    """
+
+
+class OutcomeUnknown(EngineUnavailable):
+    """A write was sent, and the connection was lost before its reply came.
+
+    The write may or may not have been applied. The engine does not send it again: a
+    resend could re-apply it after a later delete (a create brought back after a
+    ``revoke_user``). A ``create`` that raised this may have left a session whose token
+    nobody holds; it idles out like any other.
     """
 
 
@@ -66,8 +85,16 @@ class SessionConflict(EngineError):
         self.current_version = current_version
 
 
-class SessionLimitExceeded(EngineError):
+class LimitExceeded(EngineError):
+    """A per-user bound of the settings would be passed; nothing was written."""
+
+
+class SessionLimitExceeded(LimitExceeded):
     """The user already has the maximum number of sessions and the policy refuses more."""
+
+
+class ChatRoomLimitExceeded(LimitExceeded):
+    """The user already has ``chat_max_rooms_per_user`` chat rooms; a new one is refused."""
 
 
 class ReplyError(Exception):

@@ -26,6 +26,7 @@ SCRIPT_NAMES = (
     "rotate",
     "list_user",
     "chat_append",
+    "chat_clear",
 )
 
 

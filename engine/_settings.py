@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["MAX_TTL", "EngineSettings"]
+__all__ = ["MAX_TTL", "MIN_TTL", "EngineSettings", "redact_url"]
 
 MAX_TTL = 10 * 365 * 86400.0
 """Ten years, in seconds: the longest idle or absolute TTL a session can have."""
+MIN_TTL = 1.0
+"""One second: the shortest TTL anything is given. Shorter ones round to nothing in the
+millisecond fields Redis is given, and are always a mistake for a session."""
+MIN_TIMEOUT = 0.001
+"""Timeouts are sent to Redis in whole milliseconds (``WAIT n ms``), where 0 means forever."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for reprs, logs and error texts)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparsable url>"
 
 
 class EngineSettings(BaseSettings):
@@ -21,7 +44,10 @@ class EngineSettings(BaseSettings):
     Durations are seconds (floats allowed); the engine works in milliseconds inside.
     """
 
-    model_config = SettingsConfigDict(env_prefix="ENGINE_", frozen=True, extra="forbid")
+    # hide_input_in_errors: a validation error must not echo the URL (and its password).
+    model_config = SettingsConfigDict(
+        env_prefix="ENGINE_", frozen=True, extra="forbid", hide_input_in_errors=True
+    )
 
     url: str = Field(
         default="redis://127.0.0.1:6379",
@@ -43,8 +69,12 @@ class EngineSettings(BaseSettings):
 
     # At most ten years: the stored layout has fixed-width millisecond fields (see
     # lua/_prelude.lua), and create(idle_ttl=..., absolute_ttl=...) is held to the same cap.
-    idle_ttl: float = Field(default=1800.0, gt=0, le=MAX_TTL, description="Sliding idle timeout.")
-    absolute_ttl: float = Field(default=86400.0, gt=0, le=MAX_TTL, description="Hard lifetime cap.")
+    idle_ttl: float = Field(
+        default=1800.0, ge=MIN_TTL, le=MAX_TTL, description="Sliding idle timeout (>= 1 s)."
+    )
+    absolute_ttl: float = Field(
+        default=86400.0, ge=MIN_TTL, le=MAX_TTL, description="Hard lifetime cap (>= idle_ttl)."
+    )
     refresh_slack: float = Field(
         default=0.05,
         ge=0,
@@ -63,7 +93,16 @@ class EngineSettings(BaseSettings):
 
     chat_max_messages: int = Field(default=200, ge=1, le=1_000_000)
     chat_max_message_bytes: int = Field(default=4096, ge=2, le=16 * 1024 * 1024)
-    chat_ttl: float = Field(default=7 * 86400.0, gt=0, le=MAX_TTL)
+    chat_ttl: float = Field(default=7 * 86400.0, ge=MIN_TTL, le=MAX_TTL)
+    chat_max_rooms_per_user: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description=(
+            "Chat rooms one user may have; chat_append to a new room past it raises "
+            "ChatRoomLimitExceeded. Bounds what revoke_user does in one script."
+        ),
+    )
     chat_owned_by_sessions: bool = Field(
         default=False,
         description=(
@@ -85,9 +124,12 @@ class EngineSettings(BaseSettings):
     )
 
     command_timeout: float = Field(
-        default=1.0, gt=0, description="One deadline per call, covering all its retries."
+        default=1.0,
+        ge=MIN_TIMEOUT,
+        le=3600,
+        description="One deadline per call, covering all its retries.",
     )
-    connect_timeout: float = Field(default=1.0, gt=0)
+    connect_timeout: float = Field(default=1.0, ge=MIN_TIMEOUT, le=3600)
     bulk_batch: int = Field(
         default=5_000, ge=1, description="validate_many sends at most this many per deadline."
     )
@@ -106,9 +148,12 @@ class EngineSettings(BaseSettings):
     wait_replicas: int = Field(
         default=0,
         ge=0,
-        description="create/rotate/revoke send WAIT n after the script on the same connection.",
+        description=(
+            "Every write (create, rotate, update, revoke, revoke_user, chat_append, "
+            "chat_clear) is followed by WAIT n on a per-node connection of its own."
+        ),
     )
-    wait_timeout: float = Field(default=0.5, gt=0)
+    wait_timeout: float = Field(default=0.5, ge=MIN_TIMEOUT, le=3600)
 
     token_memo_size: int = Field(
         default=65_536,
@@ -119,6 +164,11 @@ class EngineSettings(BaseSettings):
     stats_samples: int = Field(
         default=1024, ge=64, description="RANDOMKEY samples per primary for active_sessions."
     )
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # The URL may carry a password (redis://user:secret@host): never show it.
+        for name, value in super().__repr_args__():
+            yield name, (redact_url(value) if name == "url" else value)
 
     @model_validator(mode="after")
     def _absolute_covers_idle(self) -> EngineSettings:

@@ -34,15 +34,23 @@ import random
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlparse
 
 import hiredis
 
-from ._errors import EngineError, EngineUnavailable, InvalidArgument, ReplyError, reply_kind
+from ._errors import (
+    EngineError,
+    EngineUnavailable,
+    InvalidArgument,
+    OutcomeUnknown,
+    ReplyError,
+    reply_kind,
+)
 from ._keys import SLOTS
 from ._scripts import Script
+from ._settings import redact_url
 
 __all__ = ["ReplyError", "Transport", "TransportOptions", "pack"]
 
@@ -78,15 +86,22 @@ class _State(enum.Enum):
 class TransportOptions:
     """What the transport needs to know; built from ``EngineSettings`` by the engine."""
 
-    url: str
+    url: str = field(repr=False)  # may carry a password: see __repr__
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     command_timeout: float = 1.0
     connect_timeout: float = 1.0
     max_inflight_per_node: int = 20_000
     breaker_failures: int = 3
     breaker_reset: float = 0.25
     ssl: ssl.SSLContext | None = None  # for rediss:// (built by the engine from settings)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f}={getattr(self, f)!r}"
+            for f in ("username", "command_timeout", "connect_timeout", "max_inflight_per_node")
+        )
+        return f"TransportOptions(url={redact_url(self.url)!r}, {shown})"
 
 
 class _Sink:
@@ -142,6 +157,11 @@ class _Connection(asyncio.Protocol):
         self._low_water = max_inflight // 2
         self._room_waiters: list[asyncio.Future[None]] = []
         self.closed_waiter: asyncio.Future[None] = loop.create_future()
+        # Group commit on a durable connection: every write of a loop tick shares one WAIT,
+        # written after them at flush time (see send_durable).
+        self._wait_fut: asyncio.Future[Any] | None = None
+        self._wait_cmd = b""
+        self._wait_deadline = 0.0
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -201,6 +221,24 @@ class _Connection(asyncio.Protocol):
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
+    def send_durable(
+        self, packed: bytes, deadline: float, wait: bytes
+    ) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
+        """Queue a write and return ``(reply, wait_reply)`` futures.
+
+        Every write queued in the same loop tick shares ONE ``wait`` command, written after
+        all of them: WAIT waits for this connection's latest write, so it covers them all,
+        and a burst of durable writes costs one replication round trip, not one each.
+        """
+        fut = self.send(packed, deadline)
+        if self._wait_fut is None:
+            self._wait_fut = self.loop.create_future()
+            self._wait_cmd = wait
+            self._wait_deadline = deadline
+        elif deadline > self._wait_deadline:
+            self._wait_deadline = deadline
+        return fut, self._wait_fut
+
     def send_discard(self, packed: bytes, deadline: float) -> None:
         """Queue a command whose reply nobody needs (ASKING)."""
         self.pending.append((None, deadline))
@@ -211,6 +249,15 @@ class _Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        wait_fut = self._wait_fut
+        if wait_fut is not None:
+            self._wait_fut = None
+            if self.alive:
+                self.pending.append((wait_fut, self._wait_deadline))
+                self.min_deadline = min(self.min_deadline, self._wait_deadline)
+                self._wbuf.append(self._wait_cmd)
+            elif not wait_fut.done():
+                wait_fut.set_exception(ConnectionLost(f"connection to {self.node.name} lost"))
         if self._wbuf and self._transport is not None and self.alive:
             data = b"".join(self._wbuf)
             self._wbuf.clear()
@@ -272,6 +319,10 @@ class _Connection(asyncio.Protocol):
         return expired
 
     def _fail_all(self, exc: Exception) -> None:
+        if self._wait_fut is not None:
+            if not self._wait_fut.done():
+                self._wait_fut.set_exception(exc)
+            self._wait_fut = None
         pending, self.pending = self.pending, deque()
         self.min_deadline = float("inf")
         self._wbuf.clear()
@@ -291,7 +342,14 @@ class _Connection(asyncio.Protocol):
 
 
 class _Node:
-    """A Redis node: its connection, its circuit breaker, its scripts."""
+    """A Redis node: its connections, its circuit breaker.
+
+    Two connections, made on first use: ``conn`` carries everything but durable writes,
+    auto-pipelined; ``durable_conn`` carries writes followed by ``WAIT``. Redis blocks a
+    client for the whole WAIT (up to ``wait_timeout`` when a replica is down), and WAIT
+    counts the writes of its own connection, so a durable write and its WAIT travel
+    together on a connection of their own and never hold up a validation.
+    """
 
     def __init__(self, owner: Transport, host: str, port: int) -> None:
         self.owner = owner
@@ -299,7 +357,9 @@ class _Node:
         self.port = port
         self.name = f"{host}:{port}"
         self.conn: _Connection | None = None
+        self.durable_conn: _Connection | None = None
         self.connecting: asyncio.Task[_Connection] | None = None
+        self.durable_connecting: asyncio.Task[_Connection] | None = None
         self.failures = 0
         self.open_until = 0.0  # breaker: fail fast until this loop time
         self.reset_delay = owner.options.breaker_reset
@@ -320,15 +380,21 @@ class _Node:
         self.open_until = 0.0
         self.reset_delay = self.owner.options.breaker_reset
 
+    def connections(self) -> list[_Connection]:
+        return [c for c in (self.conn, self.durable_conn) if c is not None]
+
     def connection_lost(self, conn: _Connection) -> None:
+        if self.durable_conn is conn:
+            self.durable_conn = None
         if self.conn is conn:
             self.conn = None
             if not self.owner.closing:
                 self.owner.request_refresh()
 
-    async def connection(self, deadline: float) -> _Connection:
-        """The live connection, connecting (once, shared by all callers) if needed."""
-        conn = self.conn
+    async def connection(self, deadline: float, *, durable: bool = False) -> _Connection:
+        """The live connection (``durable``: the one for WAITed writes), connecting (once,
+        shared by all callers) if needed."""
+        conn = self.durable_conn if durable else self.conn
         if conn is not None and conn.alive:
             return conn
         if self.owner.closing:
@@ -338,12 +404,16 @@ class _Node:
             # Ask the cluster who serves these slots now: a replica may have been promoted.
             self.owner.request_refresh()
             raise EngineUnavailable(f"node {self.name} is down (circuit open)")
-        if self.connecting is None:
-            self.connecting = loop.create_task(self._connect())
+        task = self.durable_connecting if durable else self.connecting
+        if task is None:
+            task = loop.create_task(self._connect(durable))
+            if durable:
+                self.durable_connecting = task
+            else:
+                self.connecting = task
         elif self.failures:
             # A half-open probe is under way: others fail fast rather than queue behind it.
             raise EngineUnavailable(f"node {self.name} is down (probing)")
-        task = self.connecting
         left = deadline - loop.time()
         if left <= 0:
             raise EngineUnavailable(f"deadline passed while connecting to {self.name}")
@@ -359,7 +429,7 @@ class _Node:
         except Exception as exc:  # pragma: no cover - _connect maps its errors
             raise EngineUnavailable(f"cannot connect to {self.name}: {exc!r}") from exc
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, durable: bool) -> _Connection:
         owner = self.owner
         loop = owner.loop
         opts = owner.options
@@ -395,18 +465,30 @@ class _Node:
                 self.trip(loop.time())
                 owner.request_refresh()
                 raise EngineUnavailable(f"cannot connect to {self.name}: {exc!r}") from exc
-            self.conn = conn
+            except BaseException:
+                # Cancelled (aclose() while connecting): the socket must not outlive us.
+                if probe is not None:
+                    probe.abort(ConnectionLost(f"connecting to {self.name} was cancelled"))
+                raise
+            if durable:
+                self.durable_conn = conn
+            else:
+                self.conn = conn
             self.healthy()
             return conn
         finally:
-            self.connecting = None
+            if durable:
+                self.durable_connecting = None
+            else:
+                self.connecting = None
 
     def close(self) -> None:
-        if self.connecting is not None:
-            self.connecting.cancel()
-        if self.conn is not None:
-            self.conn.abort(ConnectionLost("transport closed"))
-            self.conn = None
+        for task in (self.connecting, self.durable_connecting):
+            if task is not None:
+                task.cancel()
+        for conn in self.connections():
+            conn.abort(ConnectionLost("transport closed"))
+        self.conn = self.durable_conn = None
 
 
 def _backoff(attempt: int) -> float:
@@ -451,7 +533,11 @@ class Transport:
         self.ssl = options.ssl
         if seed.scheme == "rediss" and self.ssl is None:
             self.ssl = ssl.create_default_context()  # verify against the system's CAs
-        self._seed = (seed.hostname or "127.0.0.1", seed.port or 6379)
+        try:
+            port = seed.port
+        except ValueError as exc:
+            raise InvalidArgument("the url has an invalid port") from exc
+        self._seed = (seed.hostname or "127.0.0.1", port or 6379)
         username = options.username or (unquote(seed.username) if seed.username else None)
         password = options.password or (unquote(seed.password) if seed.password else None)
         self.handshake: list[bytes] = []
@@ -514,8 +600,7 @@ class Transport:
                 task.cancel()
         waits = []
         for node in self._nodes.values():
-            if node.conn is not None:
-                waits.append(node.conn.closed_waiter)
+            waits += [c.closed_waiter for c in node.connections()]
             node.close()
         if waits:
             await asyncio.wait(waits, timeout=1.0)
@@ -602,13 +687,15 @@ class Transport:
     def _watch(self) -> None:
         now = self.loop.time()
         for node in self._nodes.values():
-            conn = node.conn
-            if conn is None or not conn.pending:
-                if conn is not None:
-                    conn.replied = False
-                continue
-            expired = conn.expire(now) if now >= conn.min_deadline else 0
-            if conn.replied:
+            conns = node.connections()
+            expired = 0
+            replied = False
+            for conn in conns:
+                if conn.pending and now >= conn.min_deadline:
+                    expired += conn.expire(now)
+                replied = replied or conn.replied
+                conn.replied = False
+            if replied:
                 node.timeouts_in_row = 0
             elif expired:
                 node.timeouts_in_row += expired
@@ -619,9 +706,9 @@ class Transport:
                     # fast (see _Node.connection).
                     node.failures += 1
                     node.trip(now)
-                    conn.abort(EngineUnavailable(f"{node.name} stopped answering"))
+                    for conn in conns:
+                        conn.abort(CommandTimeout(f"{node.name} stopped answering"))
                     self.request_refresh()
-            conn.replied = False
         if self._state is not _State.CLOSED:
             self._watchdog = self.loop.call_later(_WATCHDOG_INTERVAL, self._watch)
 
@@ -667,15 +754,19 @@ class Transport:
             deadline: Loop time by which the reply must be in; default now + command_timeout.
             idempotent: Whether the command may be sent again after a connection was lost
                 with it in flight (redirect and retry-later replies are always retried:
-                the server did not run the command).
+                the server did not run the command). A command that is not, and that was
+                sent with no reply coming, raises ``OutcomeUnknown``.
             script: The script an EVALSHA in ``packed`` runs: on NOSCRIPT the same call is
                 sent once more as EVAL with the script's source.
-            then: A command to send right after on the same connection (``WAIT``); the
-                reply is then ``(reply, then_reply)``.
+            then: ``WAIT`` to follow the command: both go on the node's durable connection
+                (sharing one WAIT with the other writes of the same loop tick) and the
+                reply is ``(reply, wait_reply)``. ``wait_reply`` is the WAIT's reply, or the
+                exception that took it when the command's own reply did arrive (the write
+                ran; its replication is unconfirmed).
 
         Raises:
-            EngineUnavailable: no reply before the deadline, node down, or an ambiguous
-                failure of a non-idempotent command.
+            EngineUnavailable: no reply before the deadline or node down.
+            OutcomeUnknown: a command that is not idempotent was sent and no reply came.
         """
         if self._state is not _State.OPEN:
             raise EngineUnavailable("the transport is not open")
@@ -690,9 +781,9 @@ class Transport:
             if self._state is not _State.OPEN:
                 raise EngineUnavailable("the transport was closed during the call")
             node = asking or self._slot_nodes[slot]
-            conn = node.conn
+            conn = node.conn if then is None else node.durable_conn
             if conn is None or not conn.alive:
-                conn = await node.connection(deadline)
+                conn = await node.connection(deadline, durable=then is not None)
             if conn.full:
                 try:
                     await conn.wait_for_room(deadline)
@@ -706,27 +797,32 @@ class Transport:
             if asking is not None:
                 conn.send_discard(_ASKING, deadline)
                 asking = None
-            fut = conn.send(packed, deadline)
             then_fut = None
-            if then is not None:
-                then_fut = conn.send(then, deadline)
+            if then is None:
+                fut = conn.send(packed, deadline)
+            else:
+                fut, then_fut = conn.send_durable(packed, deadline, then)
                 # If the command itself fails, nobody awaits this one: retrieve its error
                 # so it is not reported as "never retrieved".
                 then_fut.add_done_callback(_retrieve)
             try:
                 reply = await fut
-                if then_fut is not None:
-                    then_reply = await then_fut
             except CommandTimeout as exc:
-                raise EngineUnavailable(str(exc)) from exc
+                raise (EngineUnavailable if idempotent else OutcomeUnknown)(str(exc)) from exc
             except ConnectionLost as exc:
-                if not idempotent or loop.time() >= deadline:
+                if not idempotent:
+                    raise OutcomeUnknown(f"no reply, not sent again: {exc}") from exc
+                if loop.time() >= deadline:
                     raise EngineUnavailable(str(exc)) from exc
                 attempt += 1
                 await self._sleep_before_retry(attempt, deadline, exc)
                 continue
-            except EngineUnavailable:
-                raise
+            if then_fut is not None and type(reply) is not ReplyError:
+                # The command ran; what is left to learn is whether replicas have it.
+                try:
+                    then_reply = await then_fut
+                except (CommandTimeout, ConnectionLost) as exc:
+                    then_reply = exc
             if type(reply) is not ReplyError:
                 return reply if then_fut is None else (reply, then_reply)
             message = str(reply)
@@ -757,7 +853,7 @@ class Transport:
                 attempt += 1
                 await self._sleep_before_retry(attempt, deadline, reply)
                 continue
-            return reply if then_fut is None else (reply, then_reply)
+            return reply if then_fut is None else (reply, None)
 
     async def _sleep_before_retry(self, attempt: int, deadline: float, cause: object) -> None:
         left = deadline - self.loop.time()

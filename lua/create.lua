@@ -9,14 +9,22 @@
 --          or 'refuse'
 -- ARGV[9]  key base '<prefix>:{<tag>}:' (the user's other session keys share the slot)
 -- Reply:   record {value, pttl} | -1 when the limit is reached and the policy refuses
--- Idempotent: a retry that finds its own (freshly generated) key returns it unchanged.
+-- Everything that can fail is checked before the first delete (Lua does not roll back):
+-- a create that fails must not have evicted a live session on the way. Never sent again
+-- after a lost reply (a resend after a revoke_user would resurrect), so a key that exists
+-- already is a collision of 128-bit ids, refused.
 
 local key = KEYS[1]
-local existing = redis.call('GET', key)
-if existing then
-  return {existing, redis.call('PTTL', key)}
+if redis.call('EXISTS', key) == 1 then
+  return redis.error_reply('ERR session id exists')
 end
 local now = now_ms()
+local absolute = now + tonumber(ARGV[6])
+local v = pack_session(ARGV[3], absolute, tonumber(ARGV[5]), now, 1, ARGV[2], ARGV[4])
+local ttl = capped_ttl(v, now)
+if not (ttl >= 1) then
+  return redis.error_reply('ERR invalid ttl')
+end
 
 local idx = KEYS[2]
 if idx then
@@ -38,9 +46,6 @@ if idx then
   end
 end
 
-local absolute = now + tonumber(ARGV[6])
-local v = pack_session(ARGV[3], absolute, tonumber(ARGV[5]), now, 1, ARGV[2], ARGV[4])
-local ttl = capped_ttl(v, now)
 redis.call('SET', key, v, 'PX', ttl)
 if idx then
   -- Scores are absolute deadlines, kept strictly increasing per user (+1 ms on a tie) so

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import engine
 from engine import (
+    ChatRoomLimitExceeded,
     EngineError,
     EngineUnavailable,
     InvalidArgument,
+    LimitExceeded,
+    OutcomeUnknown,
     PayloadTooLarge,
     ReplicationIncomplete,
     SessionConflict,
@@ -15,13 +18,16 @@ from engine import (
 )
 
 EXPECTED = {
+    "ChatRoomLimitExceeded",
     "EngineError",
     "EngineSettings",
     "EngineStats",
     "EngineUnavailable",
     "InvalidArgument",
+    "LimitExceeded",
     "MissReasons",
     "NewSession",
+    "OutcomeUnknown",
     "PayloadTooLarge",
     "ReplicationIncomplete",
     "Session",
@@ -65,3 +71,7 @@ def test_one_error_tree() -> None:
     ):
         assert issubclass(err, EngineError)
     assert issubclass(PayloadTooLarge, InvalidArgument)
+    assert issubclass(OutcomeUnknown, EngineUnavailable)
+    assert issubclass(SessionLimitExceeded, LimitExceeded)
+    assert issubclass(ChatRoomLimitExceeded, LimitExceeded)
+    assert issubclass(LimitExceeded, EngineError)

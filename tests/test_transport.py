@@ -344,9 +344,9 @@ async def test_paused_primary_fails_fast_and_recovers(cl: LocalCluster) -> None:
         trips: list[float] = []
         connect, trip = node._connect, node.trip
 
-        def counting_connect() -> Any:
+        def counting_connect(durable: bool) -> Any:
             probes.append(time.perf_counter())
-            return connect()
+            return connect(durable)
 
         def counting_trip(now: float) -> None:
             trips.append(time.perf_counter())
