@@ -454,8 +454,14 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def summarize(runs: Sequence[dict[str, Any]], systems: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per system: means over the rounds, ratios of the means."""
+def summarize(
+    runs: Sequence[dict[str, Any]], systems: Sequence[str], rtt_ms: float | None = None
+) -> list[dict[str, Any]]:
+    """One row per system: means over the rounds, ratios of the means.
+
+    ``rtt_ms``: one loopback Redis round trip; ``seq_beyond_rtt_us`` is what a sequential
+    ``/me`` costs beyond ``/bare`` plus that round trip.
+    """
     rows = []
     for key in systems:
         row: dict[str, Any] = {"system": key}
@@ -485,12 +491,18 @@ def summarize(runs: Sequence[dict[str, Any]], systems: Sequence[str]) -> list[di
             row["me_to_bare_p99"] = row["me_p99_ms"] / row["bare_p99_ms"]
         if row.get("me_seq_mean_us") is not None and row.get("bare_seq_mean_us") is not None:
             row["seq_delta_us"] = row["me_seq_mean_us"] - row["bare_seq_mean_us"]
+            if rtt_ms is not None:
+                row["seq_beyond_rtt_us"] = row["seq_delta_us"] - rtt_ms * 1e3
         rows.append(row)
     return rows
 
 
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
+
+
+def _loads(values: Sequence[float]) -> str:
+    return "/".join(f"{v:.1f}" for v in values)
 
 
 def render(result: dict[str, Any]) -> str:
@@ -517,13 +529,15 @@ def render(result: dict[str, Any]) -> str:
     rtt = result.get("redis_rtt") or {}
     lines += [
         "",
-        "| system | /me / /bare req/s | /me p99 / /bare p99 | sequential /me - /bare us |",
-        "|---|---:|---:|---:|",
+        "| system | /me / /bare req/s | /me p99 / /bare p99 | sequential /me - /bare us | "
+        "beyond one Redis round trip us |",
+        "|---|---:|---:|---:|---:|",
     ]
     for row in result["summary"]:
         lines.append(
             f"| {labels[row['system']]} | {_fmt(row.get('me_to_bare_rps'), '.2f')} | "
-            f"{_fmt(row.get('me_to_bare_p99'), '.2f')} | {_fmt(row.get('seq_delta_us'), '.0f')} |"
+            f"{_fmt(row.get('me_to_bare_p99'), '.2f')} | {_fmt(row.get('seq_delta_us'), '.0f')} | "
+            f"{_fmt(row.get('seq_beyond_rtt_us'), '.0f')} |"
         )
     m = result["machine"]
     lines += [
@@ -534,7 +548,9 @@ def render(result: dict[str, Any]) -> str:
         f"{result['seq_seconds']} s per run. Loopback Redis round trip (PING, raw socket): "
         f"mean {_fmt(rtt.get('mean_ms'), '.3f')} ms, p50 {_fmt(rtt.get('p50_ms'), '.3f')} ms.",
         f"Cluster: {result['cluster']}. Redis {m['redis']} ({m['redis_server']}).",
-        f"Machine: {m['cores']} cores, Python {m['python']}, {m['versions']}.",
+        f"Machine: {m['cores']} cores, Python {m['python']}, {m['versions']}. Load average "
+        f"(1/5/15 min) before {_loads(result['loadavg']['before'])}, after "
+        f"{_loads(result['loadavg']['after'])}: other processes share these cores.",
     ]
     lines += [f"Skipped {k}: {why}" for k, why in result["skipped"].items()]
     return "\n".join(lines)
@@ -661,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text, file=sys.stderr, flush=True)
 
     prefix = f"hb{uuid.uuid4().hex[:8]}"
+    load_before = os.getloadavg()
     servers: list[Server] = []
     failed: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
@@ -734,6 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seq_seconds": args.seq_seconds,
         "rounds": args.rounds,
         "cluster": "; ".join(cluster_desc),
+        "loadavg": {"before": load_before, "after": os.getloadavg()},
         "redis_rtt": rtt,
         "systems": [
             {
@@ -746,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if s.key in keys
         ],
         "skipped": {**skipped, **{k: f"failed: {v}" for k, v in failed.items()}},
-        "summary": summarize(bench.runs, keys),
+        "summary": summarize(bench.runs, keys, rtt["mean_ms"]),
         "runs": bench.runs,
     }
     print(render(result))
