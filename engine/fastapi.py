@@ -1,4 +1,5 @@
-"""FastAPI integration: an engine per app, and dependencies that authenticate requests.
+"""FastAPI integration: an engine per app, dependencies that authenticate requests, and
+the mapping of engine errors to HTTP answers.
 
 Only this module imports FastAPI; the core engine does not need it
 (``pip install 'redis-session-engine[fastapi]'``).
@@ -8,6 +9,9 @@ What it gives you:
 * ``engine_lifespan(settings)``: a ``lifespan=`` for ``FastAPI`` that opens one
   ``SessionEngine`` at startup, keeps it on ``app.state.session_engine`` and closes it at
   shutdown; ``get_engine`` is the dependency that hands it to endpoints.
+* ``install_error_handlers(app)``: one line that turns every engine error an endpoint lets
+  through into its HTTP answer (never a 500; table below). The same handlers as a dict for
+  ``FastAPI(exception_handlers=engine_error_handlers())``.
 * ``require_session``: the token from ``Authorization: Bearer <token>`` (first) or from the
   session cookie, validated in one round trip; the live ``Session`` or an error response:
 
@@ -16,6 +20,8 @@ What it gives you:
   a token that is not a live ACTIVE       401, ``WWW-Authenticate: Bearer realm="...",
   session (garbage, expired, revoked,     error="invalid_token"``
   another state)
+  cookie-authenticated unsafe request     403 (only with ``SessionAuth(csrf=True)``)
+  from another site
   Redis did not answer in time            503, ``Retry-After: 1``: fail closed, never 200
   ======================================  ==============================================
 
@@ -31,9 +37,57 @@ What it gives you:
 * ``set_session_cookie`` / ``clear_session_cookie``: ``HttpOnly; Secure; SameSite=Lax``
   by default.
 
-The module-level dependencies use ``SessionAuth()`` defaults (cookie ``session``, realm
-``api``). For other names build your own ``SessionAuth`` and use its attributes, which are
-the same dependencies: ``auth = SessionAuth(cookie_name="sid"); Depends(auth.require_session)``.
+Engine errors (``install_error_handlers``); bodies are ``{"detail": ...}`` and never carry
+a node address, a password or a token:
+
+==========================  =====  ========================================================
+``EngineUnavailable``       503    ``Retry-After: 1``; fail closed (``OutcomeUnknown``
+                                   says the write may or may not have been applied)
+``PayloadTooLarge``         413    session data or chat message over its byte limit
+``InvalidArgument``         422    e.g. a user or room id over ``max_id_bytes`` *bytes*
+                                   (422 like FastAPI's own validation errors: the request
+                                   is well-formed, its content is refused)
+``SessionConflict``         409    ``current_version`` in the body
+``LimitExceeded``           409    ``SessionLimitExceeded`` (the user is at
+                                   ``max_sessions_per_user``), ``ChatRoomLimitExceeded``:
+                                   a state of the account, not a rate (retrying does not
+                                   help), so not 429
+``SessionNotFound``         401    with ``WWW-Authenticate: ... error="invalid_token"``:
+                                   operations that raise it act on the caller's own token
+                                   (rotate, update, chat while sessions own the chat).
+                                   ``session_not_found=404`` for services whose endpoints
+                                   act on other sessions (an admin API)
+``ReplicationIncomplete``   503    ``Retry-After: 1``; body ``"durable": false``: the write
+                                   was applied on the primary but fewer replicas than
+                                   ``wait_replicas`` confirmed it, so it may be lost
+any other ``EngineError``   503    an unexpected Redis reply; no details
+==========================  =====  ========================================================
+
+They also answer FastAPI's ``RequestValidationError`` (422) with the body FastAPI gives,
+in ASCII-escaped JSON: FastAPI's own handler echoes the input and fails with a 500 when it
+holds a lone surrogate (``"\\ud800"`` is valid JSON with no UTF-8 form).
+
+Cookies. The default name is ``__Host-session`` for ``Secure`` cookies and ``session``
+otherwise (plain-HTTP development). The ``__Host-`` prefix makes browsers accept the cookie
+only with ``Secure``, ``Path=/`` and no ``Domain``, so a sibling subdomain cannot plant or
+shadow it. ``SessionAuth`` reads only its configured name (``SessionAuth()`` reads
+``__Host-session``; ``SessionAuth(cookie_secure=False)`` reads ``session``): accepting the
+unprefixed name too would give the planting attack back. Browsers accept ``Secure`` cookies
+from ``http://localhost``, so the default works in local development on localhost.
+
+CSRF. Cookies are ambient credentials: ``SessionAuth(csrf=True)`` refuses (403) a
+cookie-authenticated POST/PUT/PATCH/DELETE sent by a page of another origin: a request
+whose ``Sec-Fetch-Site`` is ``same-site`` or ``cross-site``, or whose ``Origin`` is neither
+the request's own (scheme and ``Host``) nor one of ``csrf_trusted_origins`` (passing
+those turns the check on too). A request with neither header is not from a browser and
+passes; ``Authorization: Bearer`` requests are never checked (a page cannot make a
+browser add that header to a cross-site request). Behind a TLS-terminating proxy run
+uvicorn with ``--proxy-headers`` or list the public origin in ``csrf_trusted_origins``.
+
+The module-level dependencies use ``SessionAuth()`` defaults (cookie ``__Host-session``,
+realm ``api``, no CSRF check). For other settings build your own ``SessionAuth`` and use
+its attributes, which are the same dependencies:
+``auth = SessionAuth(cookie_secure=False, csrf=True); Depends(auth.require_session)``.
 Within one request FastAPI runs a dependency once, so ``require_session`` and
 ``require_user`` together still validate once.
 
@@ -50,11 +104,13 @@ Example (a complete app; run ``ENGINE_URL=redis://127.0.0.1:7000 uvicorn example
         current_token,
         engine_lifespan,
         get_engine,
+        install_error_handlers,
         require_session,
         set_session_cookie,
     )
 
     app = FastAPI(lifespan=engine_lifespan())  # settings from ENGINE_* variables
+    install_error_handlers(app)
     Engine = Annotated[SessionEngine, Depends(get_engine)]
 
 
@@ -87,26 +143,49 @@ Example (a complete app; run ``ENGINE_URL=redis://127.0.0.1:7000 uvicorn example
 # No `from __future__ import annotations`: FastAPI reads the dependencies' annotations at
 # runtime, and the closures below refer to local names a string annotation cannot resolve.
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from ._engine import SessionEngine
-from ._errors import EngineUnavailable
+from ._errors import (
+    ChatRoomLimitExceeded,
+    EngineError,
+    EngineUnavailable,
+    InvalidArgument,
+    LimitExceeded,
+    OutcomeUnknown,
+    PayloadTooLarge,
+    ReplicationIncomplete,
+    SessionConflict,
+    SessionLimitExceeded,
+    SessionNotFound,
+)
 from ._models import Session, SessionState
 from ._settings import EngineSettings
 
 __all__ = [
+    "DEFAULT_COOKIE",
+    "PLAIN_COOKIE",
     "STATE_ATTRIBUTE",
     "SessionAuth",
     "clear_session_cookie",
     "current_token",
     "default_auth",
+    "default_cookie_name",
+    "engine_error_handlers",
+    "engine_error_response",
     "engine_lifespan",
     "get_engine",
+    "install_error_handlers",
     "optional_session",
     "require_session",
     "require_state",
@@ -117,8 +196,30 @@ __all__ = [
 STATE_ATTRIBUTE: Final = "session_engine"
 """The ``app.state`` attribute that holds the engine."""
 
-DEFAULT_COOKIE: Final = "session"
+DEFAULT_COOKIE: Final = "__Host-session"
+"""Name of a ``Secure`` session cookie (the default): host-only, ``Path=/``, HTTPS only."""
+
+PLAIN_COOKIE: Final = "session"
+"""Name of a session cookie without ``Secure`` (plain-HTTP development)."""
+
 SameSite = Literal["lax", "strict", "none"]
+NotFoundStatus = Literal[401, 404]
+
+_SAFE_METHODS: Final = frozenset(("GET", "HEAD", "OPTIONS", "TRACE"))
+
+
+def default_cookie_name(secure: bool) -> str:
+    """``__Host-session`` for a ``Secure`` cookie, ``session`` otherwise."""
+    return DEFAULT_COOKIE if secure else PLAIN_COOKIE
+
+
+def _check_cookie_options(name: str, *, secure: bool, path: str, domain: str | None) -> None:
+    # Browsers silently drop a prefixed cookie that breaks its prefix's rules: fail loudly.
+    lowered = name.lower()
+    if lowered.startswith("__host-") and not (secure and path == "/" and domain is None):
+        raise ValueError(f"a {name!r} cookie needs secure=True, path='/' and no domain")
+    if lowered.startswith("__secure-") and not secure:
+        raise ValueError(f"a {name!r} cookie needs secure=True")
 
 
 def engine_lifespan(
@@ -189,7 +290,7 @@ def set_session_cookie(
     samesite: SameSite = "lax",
     path: str = "/",
     domain: str | None = None,
-    name: str = DEFAULT_COOKIE,
+    name: str | None = None,
 ) -> None:
     """Put the session token in a cookie: ``HttpOnly; Secure; SameSite=Lax`` by default.
 
@@ -202,13 +303,18 @@ def set_session_cookie(
         samesite: ``"lax"`` (default), ``"strict"``, or ``"none"`` (which needs ``secure``).
         path: Cookie path.
         domain: Cookie domain; ``None`` binds it to the exact host.
-        name: Cookie name (``SessionAuth.cookie_name``).
+        name: Cookie name (``SessionAuth.cookie_name``); by default ``__Host-session``
+            when ``secure``, else ``session`` (``default_cookie_name``).
 
     Raises:
-        ValueError: ``samesite="none"`` without ``secure`` (browsers drop such cookies).
+        ValueError: ``samesite="none"`` without ``secure``, or a ``__Host-`` name with a
+            domain, another path or without ``secure`` (browsers drop such cookies).
     """
     if samesite == "none" and not secure:
         raise ValueError('samesite="none" requires secure=True')
+    if name is None:
+        name = default_cookie_name(secure)
+    _check_cookie_options(name, secure=secure, path=path, domain=domain)
     response.set_cookie(
         name,
         token,
@@ -228,9 +334,12 @@ def clear_session_cookie(
     samesite: SameSite = "lax",
     path: str = "/",
     domain: str | None = None,
-    name: str = DEFAULT_COOKIE,
+    name: str | None = None,
 ) -> None:
     """Tell the browser to drop the session cookie (same name, path and domain as set)."""
+    if name is None:
+        name = default_cookie_name(secure)
+    _check_cookie_options(name, secure=secure, path=path, domain=domain)
     response.delete_cookie(
         name, path=path, domain=domain, secure=secure, httponly=True, samesite=samesite
     )
@@ -241,9 +350,12 @@ class SessionAuth:
 
     Attributes:
         cookie_name: Cookie read when there is no ``Authorization: Bearer`` header.
+        cookie_secure: Whether the cookie is ``Secure`` (``set_cookie``'s default).
         realm: The ``realm`` of ``WWW-Authenticate`` challenges.
         bearer: Read ``Authorization: Bearer <token>``.
         cookie: Read the cookie.
+        csrf: Refuse cross-site cookie-authenticated unsafe requests (403).
+        csrf_trusted_origins: Other origins allowed to send them (``https://app.example``).
         require_session: Dependency, see the module docstring.
         optional_session: Dependency, see the module docstring.
         current_token: Dependency, see the module docstring.
@@ -252,27 +364,47 @@ class SessionAuth:
     def __init__(
         self,
         *,
-        cookie_name: str = DEFAULT_COOKIE,
+        cookie_name: str | None = None,
+        cookie_secure: bool = True,
         realm: str = "api",
         bearer: bool = True,
         cookie: bool = True,
+        csrf: bool = False,
+        csrf_trusted_origins: Iterable[str] = (),
     ) -> None:
         """Configure token sources.
 
         Args:
-            cookie_name: Name of the session cookie.
+            cookie_name: Name of the session cookie; by default ``__Host-session`` when
+                ``cookie_secure``, else ``session``.
+            cookie_secure: The cookie is sent over HTTPS only. ``False`` only for
+                plain-HTTP development (then the name cannot have the ``__Host-`` prefix).
             realm: Realm in ``WWW-Authenticate``; must not contain ``"`` or ``\\``.
             bearer: Accept ``Authorization: Bearer``.
             cookie: Accept the cookie.
+            csrf: Check the origin of cookie-authenticated POST/PUT/PATCH/DELETE requests.
+            csrf_trusted_origins: Origins (``scheme://host[:port]``) besides the request's
+                own that may send them; giving any turns ``csrf`` on.
+
+        Raises:
+            ValueError: No token source, a bad realm or origin, or a ``__Host-`` cookie
+                name without ``cookie_secure``.
         """
         if not (bearer or cookie):
             raise ValueError("enable at least one of bearer and cookie")
         if '"' in realm or "\\" in realm or not realm.isprintable():
             raise ValueError("realm must be printable and contain no quote or backslash")
+        if cookie_name is None:
+            cookie_name = default_cookie_name(cookie_secure)
+        _check_cookie_options(cookie_name, secure=cookie_secure, path="/", domain=None)
+        trusted = frozenset(_origin(o) for o in csrf_trusted_origins)
         self.cookie_name = cookie_name
+        self.cookie_secure = cookie_secure
         self.realm = realm
         self.bearer = bearer
         self.cookie = cookie
+        self.csrf = csrf or bool(trusted)
+        self.csrf_trusted_origins = trusted
         # The security objects only document the schemes in OpenAPI; reading is done here so
         # that a non-Bearer Authorization header falls back to the cookie.
         bearer_scheme = HTTPBearer(auto_error=False, description="Session token")
@@ -283,7 +415,10 @@ class SessionAuth:
             _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
             _cookie: Annotated[str | None, Depends(cookie_scheme)],
         ) -> str | None:
-            return self.token_of(request)
+            token, from_cookie = self._read(request)
+            if from_cookie and self.csrf and not self._same_origin(request):
+                raise HTTPException(status.HTTP_403_FORBIDDEN, detail="cross-site request refused")
+            return token
 
         async def validated(
             token: Annotated[str | None, Depends(read_token)],
@@ -325,18 +460,43 @@ class SessionAuth:
         An empty value counts as absent. The token is not checked here; malformed tokens
         are refused by the engine before any Redis call.
         """
+        return self._read(request)[0]
+
+    def _read(self, request: Request) -> tuple[str | None, bool]:
+        """The token and whether it came from the cookie (an ambient credential)."""
         if self.bearer:
             header = request.headers.get("authorization")
             if header:
                 scheme, _, credentials = header.partition(" ")
                 credentials = credentials.strip()
                 if scheme.lower() == "bearer" and credentials:
-                    return credentials
+                    return credentials, False
         if self.cookie:
             value = request.cookies.get(self.cookie_name)
             if value:
-                return value
-        return None
+                return value, True
+        return None, False
+
+    def _same_origin(self, request: Request) -> bool:
+        """CSRF check of a cookie-authenticated request (see the module docstring)."""
+        if request.method in _SAFE_METHODS:
+            return True
+        headers = request.headers
+        site = headers.get("sec-fetch-site")
+        if site in ("same-origin", "none"):  # set by the browser; a page cannot forge it
+            return True
+        origin = headers.get("origin")
+        if origin is None:
+            # Browsers send Origin with every cross-origin unsafe request; a request
+            # without it (and without Sec-Fetch-Site) is from a script or a tool.
+            return site is None
+        origin = origin.lower()
+        if origin in self.csrf_trusted_origins:
+            return True
+        if site is not None:  # same-site or cross-site: only trusted origins
+            return False
+        own = f"{request.url.scheme}://{headers.get('host', '')}".lower()
+        return origin == own
 
     async def _validate(
         self, engine: SessionEngine, token: str, states: frozenset[SessionState] | None
@@ -422,12 +582,22 @@ class SessionAuth:
         return dependency
 
     def set_cookie(self, response: Response, token: str, **options: Any) -> None:
-        """``set_session_cookie`` with this object's cookie name."""
+        """``set_session_cookie`` with this object's cookie name and ``secure`` flag."""
+        options.setdefault("secure", self.cookie_secure)
         set_session_cookie(response, token, name=self.cookie_name, **options)
 
     def clear_cookie(self, response: Response, **options: Any) -> None:
-        """``clear_session_cookie`` with this object's cookie name."""
+        """``clear_session_cookie`` with this object's cookie name and ``secure`` flag."""
+        options.setdefault("secure", self.cookie_secure)
         clear_session_cookie(response, name=self.cookie_name, **options)
+
+
+def _origin(value: str) -> str:
+    """``scheme://host[:port]`` in lower case, as browsers send it in ``Origin``."""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+        raise ValueError(f"not an origin (scheme://host[:port]): {value!r}")
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def _unavailable() -> HTTPException:
@@ -436,6 +606,120 @@ def _unavailable() -> HTTPException:
         detail="session store unavailable",
         headers={"Retry-After": "1"},
     )
+
+
+ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+def engine_error_response(
+    exc: EngineError, *, session_not_found: NotFoundStatus = 401, realm: str = "api"
+) -> JSONResponse:
+    """The HTTP answer to an engine error (the table in the module docstring).
+
+    Bodies never carry the text of an ``EngineUnavailable`` or of an unexpected error
+    (they name nodes); only ``InvalidArgument`` messages, which describe the caller's input.
+
+    Args:
+        exc: The error.
+        session_not_found: 401 (the caller's own session is gone) or 404.
+        realm: Realm of the 401 challenge.
+    """
+    retry = {"Retry-After": "1"}
+    if isinstance(exc, OutcomeUnknown):
+        detail = "session store unavailable: the write may or may not have been applied"
+        return JSONResponse({"detail": detail}, 503, headers=retry)
+    if isinstance(exc, EngineUnavailable):
+        return JSONResponse({"detail": "session store unavailable"}, 503, headers=retry)
+    if isinstance(exc, PayloadTooLarge):
+        return JSONResponse({"detail": str(exc)}, 413)
+    if isinstance(exc, InvalidArgument):
+        return JSONResponse({"detail": str(exc)}, 422)
+    if isinstance(exc, SessionConflict):
+        body = {"detail": "the session was changed concurrently"}
+        return JSONResponse({**body, "current_version": exc.current_version}, 409)
+    if isinstance(exc, LimitExceeded):
+        if isinstance(exc, SessionLimitExceeded):
+            detail = "this user has too many sessions"
+        elif isinstance(exc, ChatRoomLimitExceeded):
+            detail = "this user has too many chat rooms"
+        else:
+            detail = "a per-user limit would be exceeded"
+        return JSONResponse({"detail": detail}, 409)
+    if isinstance(exc, SessionNotFound):
+        if session_not_found == 404:
+            return JSONResponse({"detail": "session not found"}, 404)
+        challenge = f'Bearer realm="{realm}", error="invalid_token"'
+        return JSONResponse(
+            {"detail": "invalid or expired session"}, 401, headers={"WWW-Authenticate": challenge}
+        )
+    if isinstance(exc, ReplicationIncomplete):
+        detail = (
+            "the write was applied but fewer replicas than required confirmed it: "
+            "it may not be durable"
+        )
+        return JSONResponse({"detail": detail, "durable": False}, 503, headers=retry)
+    return JSONResponse({"detail": "session store error"}, 503)
+
+
+class _AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: renders lone surrogates too."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+async def _request_validation_error(request: Request, exc: Exception) -> Response:
+    # FastAPI's own handler echoes the input in UTF-8, and a JSON string with a lone
+    # surrogate ("\ud800", valid JSON) has no UTF-8 form: its 422 became a 500.
+    assert isinstance(exc, RequestValidationError)
+    try:
+        detail = jsonable_encoder(exc.errors())
+    except (UnicodeError, ValueError, TypeError):
+        detail = [{k: v for k, v in e.items() if k not in ("input", "ctx")} for e in exc.errors()]
+        detail = jsonable_encoder(detail)
+    return _AsciiJSONResponse({"detail": detail}, 422)
+
+
+def engine_error_handlers(
+    *, session_not_found: NotFoundStatus = 401, realm: str = "api"
+) -> dict[Any, ExceptionHandler]:
+    """Exception handlers for ``FastAPI(exception_handlers=...)``: every engine error.
+
+    Also FastAPI's request validation errors (422), answered like FastAPI does but with
+    ASCII-escaped JSON, so an input with a lone surrogate does not turn the 422 into a 500.
+
+    Args:
+        session_not_found: Status of ``SessionNotFound``: 401 (default) or 404.
+        realm: Realm of the 401 challenge.
+    """
+    if session_not_found not in (401, 404):
+        raise ValueError("session_not_found must be 401 or 404")
+
+    async def handle_engine_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, EngineError)
+        return engine_error_response(exc, session_not_found=session_not_found, realm=realm)
+
+    # Starlette picks a handler by the exception's MRO: one entry covers the whole tree.
+    return {EngineError: handle_engine_error, RequestValidationError: _request_validation_error}
+
+
+def install_error_handlers(
+    app: FastAPI, *, session_not_found: NotFoundStatus = 401, realm: str = "api"
+) -> None:
+    """Answer every engine error an endpoint lets through with its HTTP status, never 500.
+
+    ``install_error_handlers(app)`` once after ``app = FastAPI(...)``; see the table in the
+    module docstring.
+
+    Args:
+        app: The application.
+        session_not_found: Status of ``SessionNotFound``: 401 (default) or 404.
+        realm: Realm of the 401 challenge.
+    """
+    for exc_class, handler in engine_error_handlers(
+        session_not_found=session_not_found, realm=realm
+    ).items():
+        app.add_exception_handler(exc_class, handler)
 
 
 default_auth: Final = SessionAuth()

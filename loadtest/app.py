@@ -7,14 +7,21 @@ Run it against any cluster node (settings come from ``ENGINE_*`` variables)::
 Endpoints: ``POST /login``, ``GET /me``, ``POST|GET /chat/{room}``, ``POST /rotate``,
 ``POST /logout``, ``POST /logout-all``, ``GET /healthz``, ``GET /metrics`` (Prometheus).
 
-``APP_COOKIE_SECURE=0`` drops the ``Secure`` cookie flag for plain-HTTP local development.
+``APP_COOKIE_SECURE=0`` drops the ``Secure`` cookie flag for plain-HTTP local development
+(the cookie is then ``session`` instead of ``__Host-session``). ``APP_CSRF=0`` turns off the
+origin check of cookie-authenticated POSTs (on by default here).
+
+Every engine error an endpoint lets through is answered by ``install_error_handlers``
+(422/413/409/401/503, never 500); no answer names a Redis node.
 
 Metrics are per process: with ``uvicorn --workers N`` each scrape reads one worker.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: the dependency aliases are built per app in
+# create_app, and FastAPI must see them as objects, not as names to resolve globally.
 
 import asyncio
+import hashlib
 import os
 import time
 from collections.abc import Iterable
@@ -29,15 +36,7 @@ from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import EngineSettings, EngineStats, EngineUnavailable, Session, SessionEngine
-from engine import SessionNotFound as _SessionNotFound
-from engine.fastapi import (
-    clear_session_cookie,
-    current_token,
-    engine_lifespan,
-    get_engine,
-    require_session,
-    set_session_cookie,
-)
+from engine.fastapi import SessionAuth, engine_lifespan, get_engine, install_error_handlers
 
 __all__ = ["app", "create_app"]
 
@@ -45,8 +44,6 @@ STATS_MAX_AGE = 1.0
 """Seconds a stats snapshot is reused by /metrics (it costs INFO, DBSIZE and SCAN per node)."""
 
 Engine = Annotated[SessionEngine, Depends(get_engine)]
-CurrentSession = Annotated[Session, Depends(require_session)]
-Token = Annotated[str, Depends(current_token)]
 
 
 class LoginIn(BaseModel):
@@ -117,10 +114,12 @@ class _EngineCollector(Collector):
             "session_active", "Live sessions in the cluster (estimate).", s.active_sessions
         )
         memory = GaugeMetricFamily(
-            "redis_used_memory_bytes", "used_memory per primary.", labels=["node"]
+            "redis_used_memory_bytes",
+            "used_memory per primary (node: first 12 hex digits of sha256 of host:port).",
+            labels=["node"],
         )
         for node, used in s.used_memory_bytes.items():
-            memory.add_metric([node], used)
+            memory.add_metric([node_label(node)], used)
         yield memory
         yield GaugeMetricFamily("redis_primaries", "Primaries the engine routes to.", s.primaries)
 
@@ -155,8 +154,13 @@ class _LatencyMiddleware:
             )
 
 
-def _cookie_secure() -> bool:
-    return os.environ.get("APP_COOKIE_SECURE", "1").lower() not in ("0", "false", "no")
+def node_label(address: str) -> str:
+    """A stable label for a node that does not publish its address on an HTTP endpoint."""
+    return hashlib.sha256(address.encode()).hexdigest()[:12]
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "1").lower() not in ("0", "false", "no")
 
 
 def create_app(settings: EngineSettings | None = None) -> FastAPI:
@@ -175,80 +179,62 @@ def create_app(settings: EngineSettings | None = None) -> FastAPI:
         registry=registry,
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
     )
-    secure = _cookie_secure()
+    secure = _env_flag("APP_COOKIE_SECURE")
+    auth = SessionAuth(cookie_secure=secure, csrf=_env_flag("APP_CSRF"))
+    current_session = Annotated[Session, Depends(auth.require_session)]
+    current_token = Annotated[str, Depends(auth.current_token)]
     app = FastAPI(title="session engine reference service", lifespan=engine_lifespan(settings))
+    install_error_handlers(app, realm=auth.realm)
     app.add_middleware(_LatencyMiddleware, histogram=histogram)
 
     @app.post("/login")
     async def login(body: LoginIn, engine: Engine, response: Response) -> TokenOut:
         # A real service checks a password or an identity provider first.
-        try:
-            new = await engine.create(user_id=body.user_id)
-        except EngineUnavailable as exc:
-            raise HTTPException(503, "session store unavailable", {"Retry-After": "1"}) from exc
-        set_session_cookie(response, new.token, secure=secure)
+        new = await engine.create(user_id=body.user_id)
+        auth.set_cookie(response, new.token)
         return TokenOut(token=new.token, session_id=new.session.session_id)
 
     @app.get("/me")
-    async def me(session: CurrentSession) -> Session:
+    async def me(session: current_session) -> Session:
         return session
 
     @app.post("/chat/{room}")
     async def chat_post(
-        room: str, body: ChatIn, session: CurrentSession, engine: Engine
+        room: str, body: ChatIn, session: current_session, engine: Engine
     ) -> dict[str, int]:
-        user = _user_of(session)
-        try:
-            length = await engine.chat_append(
-                user, room, {"text": body.text, "sid": session.session_id, "ts": time.time()}
-            )
-        except EngineUnavailable as exc:
-            raise HTTPException(503, "session store unavailable", {"Retry-After": "1"}) from exc
+        message = {"text": body.text, "sid": session.session_id, "ts": time.time()}
+        length = await engine.chat_append(_user_of(session), room, message)
         return {"length": length}
 
     @app.get("/chat/{room}")
     async def chat_get(
-        room: str, session: CurrentSession, engine: Engine, limit: int = 50
+        room: str, session: current_session, engine: Engine, limit: int = 50
     ) -> dict[str, list[Any]]:
         if not 1 <= limit <= 1000:
             raise HTTPException(422, "limit must be between 1 and 1000")
-        try:
-            messages = await engine.chat_history(_user_of(session), room, limit)
-        except EngineUnavailable as exc:
-            raise HTTPException(503, "session store unavailable", {"Retry-After": "1"}) from exc
-        return {"messages": messages}
+        return {"messages": await engine.chat_history(_user_of(session), room, limit)}
 
     @app.post("/rotate")
     async def rotate(
-        session: CurrentSession, token: Token, engine: Engine, response: Response
+        session: current_session, token: current_token, engine: Engine, response: Response
     ) -> TokenOut:
-        try:
-            new = await engine.rotate(token)
-        except _SessionNotFound as exc:  # revoked between validation and rotation
-            raise HTTPException(401, "invalid or expired session") from exc
-        except EngineUnavailable as exc:
-            raise HTTPException(503, "session store unavailable", {"Retry-After": "1"}) from exc
-        set_session_cookie(response, new.token, secure=secure)
+        # SessionNotFound (revoked between validation and rotation) answers 401.
+        new = await engine.rotate(token)
+        auth.set_cookie(response, new.token)
         return TokenOut(token=new.token, session_id=new.session.session_id)
 
     @app.post("/logout")
-    async def logout(token: Token, engine: Engine, response: Response) -> dict[str, bool]:
-        try:
-            revoked = await engine.revoke(token)
-        except EngineUnavailable as exc:
-            raise HTTPException(503, "session store unavailable", {"Retry-After": "1"}) from exc
-        clear_session_cookie(response, secure=secure)
+    async def logout(token: current_token, engine: Engine, response: Response) -> dict[str, bool]:
+        revoked = await engine.revoke(token)
+        auth.clear_cookie(response)
         return {"revoked": revoked}
 
     @app.post("/logout-all")
     async def logout_all(
-        session: CurrentSession, engine: Engine, response: Response
+        session: current_session, engine: Engine, response: Response
     ) -> dict[str, int]:
-        try:
-            count = await engine.revoke_user(_user_of(session))
-        except EngineUnavailable as exc:
-            raise HTTPException(503, "session store unavailable", {"Retry-After": "1"}) from exc
-        clear_session_cookie(response, secure=secure)
+        count = await engine.revoke_user(_user_of(session))
+        auth.clear_cookie(response)
         return {"revoked": count}
 
     @app.get("/healthz", response_model=None)
@@ -256,8 +242,11 @@ def create_app(settings: EngineSettings | None = None) -> FastAPI:
         try:
             # Healthy means every slot can be served right now.
             primaries = await engine.ping()
-        except EngineUnavailable as exc:
-            return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+        except EngineUnavailable:
+            # No error text: it names nodes, and this endpoint may be public.
+            return JSONResponse(
+                {"status": "unavailable"}, status_code=503, headers={"Retry-After": "1"}
+            )
         return {"status": "ok", "primaries": primaries}
 
     @app.get("/metrics")

@@ -117,7 +117,7 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def cookie(token: str, name: str = "session") -> dict[str, str]:
+def cookie(token: str, name: str = "__Host-session") -> dict[str, str]:
     return {"Cookie": f"{name}={token}"}
 
 
@@ -126,7 +126,7 @@ async def test_bearer_and_cookie(api: tuple[httpx.AsyncClient, SessionEngine]) -
     token = (await engine.create(user_id="u1")).token
     r = await client.get("/me", headers=bearer(token))
     assert r.status_code == 200 and r.json() == {"user": "u1", "state": "active"}
-    r = await client.get("/me", headers=cookie(token, "session"))
+    r = await client.get("/me", headers=cookie(token))
     assert r.status_code == 200 and r.json()["user"] == "u1"
     # A non-Bearer Authorization header falls back to the cookie.
     r = await client.get("/me", headers={"Authorization": "Basic eDp5", **cookie(token)})
@@ -155,7 +155,7 @@ async def test_401_missing_garbage_revoked(api: tuple[httpx.AsyncClient, Session
     # A well-formed token that never existed is invalid too (it reaches Redis).
     other = await engine.create(user_id="u2")
     await engine.revoke(other.token)
-    r = await client.get("/me", headers=cookie(other.token, "session"))
+    r = await client.get("/me", headers=cookie(other.token))
     assert r.status_code == 401 and 'error="invalid_token"' in r.headers["www-authenticate"]
 
 
@@ -211,7 +211,8 @@ async def test_cookie_attributes_login_logout(
     assert r.status_code == 200
     set_cookie = r.headers["set-cookie"]
     parts = [p.strip().lower() for p in set_cookie.split(";")]
-    assert parts[0] == f"session={r.json()['token']}".lower()
+    assert parts[0] == f"__host-session={r.json()['token']}".lower()
+    assert not any(p.startswith("domain=") for p in parts)  # __Host-: host-only
     assert "httponly" in parts and "secure" in parts and "samesite=lax" in parts
     assert "path=/" in parts
     # The client's jar now holds the cookie: the session works without a header.
@@ -219,7 +220,7 @@ async def test_cookie_attributes_login_logout(
     r = await client.post("/logout")
     assert r.status_code == 200 and r.json() == {"revoked": True}
     cleared = [p.strip().lower() for p in r.headers["set-cookie"].split(";")]
-    assert cleared[0] in ('session=""', "session=") and "max-age=0" in cleared
+    assert cleared[0] in ('__host-session=""', "__host-session=") and "max-age=0" in cleared
     assert (await client.get("/me")).status_code == 401
     assert (await client.post("/logout")).status_code == 401  # current_token: no token
 
@@ -236,7 +237,11 @@ def test_cookie_helpers_validate_options() -> None:
     response = Response()
     with pytest.raises(ValueError, match="secure"):
         set_session_cookie(response, "t", samesite="none", secure=False)
-    set_session_cookie(response, "t", samesite="strict", max_age=60, domain="example.com")
+    with pytest.raises(ValueError, match="__Host-session"):
+        set_session_cookie(response, "t", domain="example.com")  # __Host-: no domain
+    set_session_cookie(
+        response, "t", samesite="strict", max_age=60, domain="example.com", name="sid"
+    )
     header = response.headers["set-cookie"].lower()
     assert "samesite=strict" in header and "max-age=60" in header
     assert "domain=example.com" in header
@@ -271,7 +276,7 @@ async def test_503_while_redis_is_down() -> None:
                     assert r.headers["retry-after"] == "1"
                     assert elapsed < 0.3 + 0.5, (path, elapsed)
                 # The cookie path fails closed the same way.
-                r = await client.get("/me", headers=cookie(token, "session"))
+                r = await client.get("/me", headers=cookie(token))
                 assert r.status_code == 503
                 # No token at all needs no Redis: still a plain 401.
                 assert (await client.get("/me")).status_code == 401
@@ -288,3 +293,13 @@ async def test_503_while_redis_is_down() -> None:
             assert r.status_code == 200
     finally:
         await asyncio.to_thread(cl.stop)
+
+
+def test_public_names() -> None:
+    import engine.fastapi as module
+
+    assert sorted(module.__all__) == module.__all__
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
+    for name in ("install_error_handlers", "engine_error_handlers", "SessionAuth", "get_engine"):
+        assert name in module.__all__
