@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -40,4 +41,5 @@ def percentile_ms(data: list[float], q: float) -> float | None:
     if not data:
         return None
     ordered = sorted(data)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000.0
+    rank = math.ceil(q / 100 * len(ordered))  # nearest rank: p50 of 1..100 is 50
+    return ordered[min(len(ordered), max(rank, 1)) - 1] * 1000.0

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ._console import Progress
+from ._console import Progress, percentile_ms
 from ._engine import SessionEngine
 from ._errors import EngineError, EngineUnavailable, ReplicationIncomplete
 from ._keys import slot_of_tag
@@ -57,6 +57,7 @@ class Bucket:
     p99_ms: float | None = None
     latencies: list[float] = field(default_factory=list, repr=False)  # healthy shards' calls
     victim_latencies: list[float] = field(default_factory=list, repr=False)
+    victim_validations: list[float] = field(default_factory=list, repr=False)  # reads only
 
 
 @dataclass
@@ -83,6 +84,8 @@ class DrillReport:
     resurrected: int = 0
     other_p99_ms_during: float | None = None
     other_p99_ms_before: float | None = None
+    victim_validate_p99_ms_before: float | None = None
+    victim_validate_p99_ms_during: float | None = None
     fault_notes: list[str] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
@@ -105,6 +108,9 @@ class DrillReport:
                 f"of {self.acked_revokes:,}",
                 f"  healthy shards p99: {self.other_p99_ms_before or 0:.2f} ms before, "
                 f"{self.other_p99_ms_during or 0:.2f} ms during the fault",
+                f"  validations on the faulted shard, p99: "
+                f"{self.victim_validate_p99_ms_before or 0:.2f} ms before, "
+                f"{self.victim_validate_p99_ms_during or 0:.2f} ms during the fault",
                 *[f"  note: {n}" for n in self.fault_notes],
             ]
         )
@@ -129,6 +135,7 @@ class _Load:
         self.calls = 0
         self.rnd = random.Random(7)
         self.resurrected: set[str] = set()
+        self.unconfirmed_revokes: set[str] = set()
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -150,6 +157,7 @@ class _Load:
         victim = self.is_victim(token)
         start = time.monotonic()
         error: str | None = None
+        read = True
         try:
             if roll < 0.05 and self.revoked:
                 # Revoked tokens must stay dead, whatever happens to the cluster.
@@ -160,13 +168,23 @@ class _Load:
             elif roll < 0.85:
                 await self.eng.validate(token)
             elif roll < 0.93:
+                read = False
                 user = f"drill-{rnd.randrange(5000)}"
                 victim = slot_of_tag(self.eng.keys.user_tag(user)) in self.victim_slots
                 new = await self.eng.create(user_id=user, data={"d": 1})
                 self.created.append(new.token)
                 self.live.append(new.token)
-            elif await self.eng.revoke(token):
-                self.revoked.append(token)
+            else:
+                read = False
+                try:
+                    deleted = await self.eng.revoke(token)
+                except ReplicationIncomplete:
+                    # Deleted on the primary, unconfirmed on the replicas: not counted as
+                    # acknowledged, but its session is gone (not a lost create).
+                    self.unconfirmed_revokes.add(token)
+                    raise
+                if deleted:
+                    self.revoked.append(token)
         except ReplicationIncomplete:
             error = "ReplicationIncomplete"
         except EngineUnavailable:
@@ -177,7 +195,10 @@ class _Load:
         self.calls += 1
         if error is None:
             b.ok += 1
-            (b.victim_latencies if victim else b.latencies).append(time.monotonic() - start)
+            took = time.monotonic() - start
+            (b.victim_latencies if victim else b.latencies).append(took)
+            if victim and read:
+                b.victim_validations.append(took)
         else:
             b.errors[error] = b.errors.get(error, 0) + 1
             if victim:
@@ -310,6 +331,20 @@ async def _shard_down(cl: Cluster, victim: ClusterNode, report: DrillReport) -> 
     )
 
 
+async def _replica_down(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
+    replica = _replica_of(cl, victim)
+    await _in_thread(cl.pause, replica.port)
+    try:
+        await asyncio.sleep(4.0)
+    finally:
+        await _in_thread(cl.resume, replica.port)
+    await _in_thread(cl.wait_healthy, 30.0)
+    report.fault_notes.append(
+        f"SIGSTOP replica {replica.port} of primary {victim.port} for 4 s: durable writes "
+        "wait wait_timeout for it, validations must not"
+    )
+
+
 async def _restart_all(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
     ports = list(cl.ports)
     for port in ports:  # crash-restart, every node, same ports
@@ -341,6 +376,7 @@ SCENARIOS: dict[str, Fault] = {
     "shard-down": _shard_down,
     "restart-all": _restart_all,
     "slow-node": _slow_node,
+    "replica-down": _replica_down,
 }
 
 
@@ -408,7 +444,7 @@ async def run_drill(
         # Afterwards: acknowledged creates must still exist; revoked tokens must stay dead.
         progress.done(f"[{scenario}] checking acknowledged writes ...")
         report.acked_creates = len(load.created)
-        alive_revoked = set(load.revoked)
+        alive_revoked = set(load.revoked) | load.unconfirmed_revokes
         created_alive = [t for t in load.created if t not in alive_revoked]
         results = await _validate_all(eng, created_alive)
         report.lost_creates = sum(1 for r in results if r is None)
@@ -442,6 +478,9 @@ def _summarise(report: DrillReport, load: _Load, fault_done: float) -> None:
     last_error: float | None = None
     before: list[float] = []
     during: list[float] = []
+    victim_before: list[float] = []
+    victim_during: list[float] = []
+    fault_end_bucket = int((fault_done - load.t0) / BUCKET)
     for i in sorted(load.buckets):
         b = load.buckets[i]
         n_err = sum(b.errors.values())
@@ -449,6 +488,10 @@ def _summarise(report: DrillReport, load: _Load, fault_done: float) -> None:
             lat = sorted(b.latencies + b.victim_latencies)
             b.p99_ms = lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000
         (before if i < fault_bucket else during).extend(b.latencies)
+        if i < fault_bucket:
+            victim_before.extend(b.victim_validations)
+        elif i <= fault_end_bucket:
+            victim_during.extend(b.victim_validations)
         t = (i - fault_bucket) * BUCKET
         if n_err:
             first_error = t if first_error is None else first_error
@@ -474,12 +517,14 @@ def _summarise(report: DrillReport, load: _Load, fault_done: float) -> None:
     if first_error is not None and last_error is not None:
         report.error_window_s = last_error - first_error
     report.recovered_s = last_error
-    if before:
-        before.sort()
-        report.other_p99_ms_before = before[int(0.99 * (len(before) - 1))] * 1000
-    if during:
-        during.sort()
-        report.other_p99_ms_during = during[int(0.99 * (len(during) - 1))] * 1000
+    report.other_p99_ms_before = _p99_ms(before)
+    report.other_p99_ms_during = _p99_ms(during)
+    report.victim_validate_p99_ms_before = _p99_ms(victim_before)
+    report.victim_validate_p99_ms_during = _p99_ms(victim_during)
+
+
+def _p99_ms(values: list[float]) -> float | None:
+    return percentile_ms(values, 99) if values else None
 
 
 def write_chart(report: DrillReport, path: Path) -> bool:

@@ -325,8 +325,12 @@ class SessionEngine:
             raise
 
     def write_deadline(self) -> float:
-        """The loop time by which a write (and its WAIT, if any) must be answered."""
-        extra = self.settings.wait_timeout if self._wait is not None else 0.0
+        """The loop time by which a write (and its WAIT, if any) must be answered.
+
+        A durable write may wait for the WAIT in flight on its connection, then its own
+        (group commit, see the transport): two ``wait_timeout`` at most.
+        """
+        extra = 2 * self.settings.wait_timeout if self._wait is not None else 0.0
         return self.transport.deadline(self.settings.command_timeout + extra)
 
     def _ttl_ms(self, value: float | None, default: int, what: str) -> int:

@@ -157,9 +157,10 @@ class _Connection(asyncio.Protocol):
         self._low_water = max_inflight // 2
         self._room_waiters: list[asyncio.Future[None]] = []
         self.closed_waiter: asyncio.Future[None] = loop.create_future()
-        # Group commit on a durable connection: every write of a loop tick shares one WAIT,
-        # written after them at flush time (see send_durable).
+        # Group commit on a durable connection: the writes queued while no WAIT is in
+        # flight share one WAIT, written after them at flush time (see send_durable).
         self._wait_fut: asyncio.Future[Any] | None = None
+        self._wait_inflight: asyncio.Future[Any] | None = None
         self._wait_cmd = b""
         self._wait_deadline = 0.0
 
@@ -226,9 +227,13 @@ class _Connection(asyncio.Protocol):
     ) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
         """Queue a write and return ``(reply, wait_reply)`` futures.
 
-        Every write queued in the same loop tick shares ONE ``wait`` command, written after
-        all of them: WAIT waits for this connection's latest write, so it covers them all,
-        and a burst of durable writes costs one replication round trip, not one each.
+        Group commit: while a WAIT is in flight nothing more is written on this connection
+        (Redis would not run it before the WAIT ends anyway); every write queued meanwhile,
+        or in the same loop tick, shares ONE ``wait`` written after all of them. WAIT waits
+        for this connection's latest write, so it covers them all. A burst of durable
+        writes costs one replication round trip, not one each, and with a replica down
+        the writes do not queue up one ``wait_timeout`` each behind each other: a write
+        waits for at most the WAIT in flight plus its own.
         """
         fut = self.send(packed, deadline)
         if self._wait_fut is None:
@@ -251,17 +256,27 @@ class _Connection(asyncio.Protocol):
         self._flush_scheduled = False
         wait_fut = self._wait_fut
         if wait_fut is not None:
+            inflight = self._wait_inflight
+            if inflight is not None and not inflight.done() and self.alive:
+                return  # flushed when the WAIT in flight ends (see below)
             self._wait_fut = None
             if self.alive:
                 self.pending.append((wait_fut, self._wait_deadline))
                 self.min_deadline = min(self.min_deadline, self._wait_deadline)
                 self._wbuf.append(self._wait_cmd)
+                self._wait_inflight = wait_fut
+                wait_fut.add_done_callback(self._after_wait)
             elif not wait_fut.done():
                 wait_fut.set_exception(ConnectionLost(f"connection to {self.node.name} lost"))
         if self._wbuf and self._transport is not None and self.alive:
             data = b"".join(self._wbuf)
             self._wbuf.clear()
             self._transport.write(data)
+
+    def _after_wait(self, _: asyncio.Future[Any]) -> None:
+        if self._wait_fut is not None and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
 
     @property
     def full(self) -> bool:

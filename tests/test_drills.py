@@ -75,6 +75,19 @@ async def test_forced_failover_old_primary_returns_as_replica() -> None:
     assert report.lost_creates == 0
 
 
+async def test_replica_down_slows_durable_writes_not_validations() -> None:
+    report = await drill("replica-down", wait_replicas=1)
+    assert report.failed_other == 0, report.summary()
+    # Durable writes on the shard say they are unconfirmed; nothing times out.
+    assert set(report.errors_by_type) <= {"ReplicationIncomplete"}, report.summary()
+    assert report.lost_creates == 0
+    before = report.victim_validate_p99_ms_before
+    during = report.victim_validate_p99_ms_during
+    assert before is not None and during is not None
+    # A validation queued behind a WAIT would take wait_timeout (500 ms).
+    assert during < 2 * before + 25, report.summary()
+
+
 async def test_slow_node_does_not_hurt_other_shards() -> None:
     report = await drill("slow-node")
     assert report.failed_other == 0, report.summary()

@@ -299,9 +299,11 @@ async def test_no_password_in_reprs_or_errors() -> None:
 async def test_open_cancelled_mid_handshake_leaves_no_socket() -> None:
     """A connect that aclose() (or any cancellation) interrupts closes its socket."""
     accepted: list[asyncio.StreamReader] = []
+    connected = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.append(reader)  # accepts and never answers, like a SIGSTOPped server
+        connected.set()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -309,8 +311,7 @@ async def test_open_cancelled_mid_handshake_leaves_no_socket() -> None:
         opening = asyncio.create_task(
             SessionEngine(url=f"redis://127.0.0.1:{port}", connect_timeout=5).open()
         )
-        while not accepted:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(connected.wait(), 5)
         await asyncio.sleep(0.05)
         opening.cancel()
         with pytest.raises(asyncio.CancelledError):
