@@ -14,6 +14,7 @@ _COMMANDS = {
     "cluster": ("engine.cluster", "up|down|status: a local cluster in the background"),
     "loadtest": ("engine._loadtest", "reference FastAPI service under headless Locust"),
     "drill": ("engine._drill", "SCENARIO: a failover drill under load (kill-primary, ...)"),
+    "fuzz": ("engine._fuzz", "TARGET: coverage-guided fuzzing of the public entries (atheris)"),
 }
 
 _USAGE = "usage: python -m engine COMMAND [options]\n\ncommands:\n" + "\n".join(
