@@ -8,7 +8,7 @@ What it gives you:
 
 * ``engine_lifespan(settings)``: a ``lifespan=`` for ``FastAPI`` that opens one
   ``SessionEngine`` at startup, keeps it on ``app.state.session_engine`` and closes it at
-  shutdown; ``get_engine`` is the dependency that hands it to endpoints.
+  shutdown; ``get_engine`` is the (async) dependency that hands it to endpoints.
 * ``install_error_handlers(app)``: one line that turns every engine error an endpoint lets
   through into its HTTP answer (never a 500; table below). The same handlers as a dict for
   ``FastAPI(exception_handlers=engine_error_handlers())``.
@@ -84,6 +84,15 @@ passes; ``Authorization: Bearer`` requests are never checked (a page cannot make
 browser add that header to a cross-site request). Behind a TLS-terminating proxy run
 uvicorn with ``--proxy-headers`` or list the public origin in ``csrf_trusted_origins``.
 
+Cost per request. Each dependency above is ONE async callable of the request (no
+sub-dependency for FastAPI to solve, no thread-pool hop, the engine taken from
+``request.app.state``): it reads the token once and validates it with one EVALSHA.
+``require_session``, ``optional_session`` and ``require_user`` of one ``SessionAuth`` share
+that validation within a request. In OpenAPI each shows as the ``HTTPBearer`` scheme;
+``engine_lifespan`` adds the cookie scheme (``APIKeyCookie``) to the same operations at
+startup, or ``document_cookie_auth(app)`` when the schema is built without starting the
+app (a second security object per route would cost a second dependency per request).
+
 The module-level dependencies use ``SessionAuth()`` defaults (cookie ``__Host-session``,
 realm ``api``, no CSRF check). For other settings build your own ``SessionAuth`` and use
 its attributes, which are the same dependencies:
@@ -141,19 +150,23 @@ Example (a complete app; run ``ENGINE_URL=redis://127.0.0.1:7000 uvicorn example
 """
 
 # No `from __future__ import annotations`: FastAPI reads the dependencies' annotations at
-# runtime, and the closures below refer to local names a string annotation cannot resolve.
+# runtime (the signature of each dependency's __call__ is what it solves).
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Annotated, Any, Final, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi import FastAPI, HTTPException, Request, Response, status
+from fastapi.dependencies.models import Dependant
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.routing import APIRoute
+from fastapi.security import APIKeyCookie
+from fastapi.security.base import SecurityBase
 
 from ._engine import SessionEngine
 from ._errors import (
@@ -181,6 +194,7 @@ __all__ = [
     "current_token",
     "default_auth",
     "default_cookie_name",
+    "document_cookie_auth",
     "engine_error_handlers",
     "engine_error_response",
     "engine_lifespan",
@@ -254,6 +268,7 @@ def engine_lifespan(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = engine if engine is not None else SessionEngine(settings or EngineSettings())
+        document_cookie_auth(app)
         async with eng:
             setattr(app.state, STATE_ATTRIBUTE, eng)
             try:
@@ -265,13 +280,19 @@ def engine_lifespan(
     return lifespan
 
 
-def get_engine(request: Request) -> SessionEngine:
+async def get_engine(request: Request) -> SessionEngine:
     """Dependency: the app's open ``SessionEngine`` (see ``engine_lifespan``).
+
+    ``async`` so that FastAPI calls it on the event loop, not in its thread pool.
 
     Raises:
         RuntimeError: The app has no engine: ``engine_lifespan`` is not its lifespan (or
             the lifespan did not run, as with a bare ``httpx.ASGITransport``).
     """
+    return _engine_of(request)
+
+
+def _engine_of(request: Request) -> SessionEngine:
     eng: SessionEngine | None = getattr(request.app.state, STATE_ATTRIBUTE, None)
     if eng is None:
         raise RuntimeError(
@@ -348,6 +369,13 @@ def clear_session_cookie(
 class SessionAuth:
     """Where the token comes from and how refusals are worded; owns the dependencies.
 
+    Every dependency it hands out is ONE async callable of the request: it reads the token
+    once, reaches the engine on ``request.app.state`` and validates in one round trip. No
+    sub-dependency, no thread-pool hop. In OpenAPI each one is the ``HTTPBearer`` scheme; the
+    cookie scheme is added to the same operations by ``engine_lifespan`` (or
+    ``document_cookie_auth(app)``), since a second security object would be a second
+    dependency for FastAPI to solve on every request.
+
     Attributes:
         cookie_name: Cookie read when there is no ``Authorization: Bearer`` header.
         cookie_secure: Whether the cookie is ``Secure`` (``set_cookie``'s default).
@@ -405,77 +433,55 @@ class SessionAuth:
         self.cookie = cookie
         self.csrf = csrf or bool(trusted)
         self.csrf_trusted_origins = trusted
-        # The security objects only document the schemes in OpenAPI; reading is done here so
-        # that a non-Bearer Authorization header falls back to the cookie.
-        bearer_scheme = HTTPBearer(auto_error=False, description="Session token")
-        cookie_scheme = APIKeyCookie(name=cookie_name, auto_error=False)
-
-        async def read_token(
-            request: Request,
-            _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-            _cookie: Annotated[str | None, Depends(cookie_scheme)],
-        ) -> str | None:
-            token, from_cookie = self._read(request)
-            if from_cookie and self.csrf and not self._same_origin(request):
-                raise HTTPException(status.HTTP_403_FORBIDDEN, detail="cross-site request refused")
-            return token
-
-        async def validated(
-            token: Annotated[str | None, Depends(read_token)],
-            engine: Annotated[SessionEngine, Depends(get_engine)],
-        ) -> Session | None:
-            if token is None:
-                return None
-            return await self._validate(engine, token, None)
-
-        async def require_session(
-            token: Annotated[str | None, Depends(read_token)],
-            session: Annotated[Session | None, Depends(validated)],
-        ) -> Session:
-            if session is None:
-                raise self._unauthorized(token is not None)
-            return session
-
-        async def optional_session(
-            session: Annotated[Session | None, Depends(validated)],
-        ) -> Session | None:
-            return session
-
-        async def current_token(token: Annotated[str | None, Depends(read_token)]) -> str:
-            if token is None:
-                raise self._unauthorized(False)
-            return token
-
-        require_session.__doc__ = "Dependency: the request's live ACTIVE session, or 401/503."
-        optional_session.__doc__ = "Dependency: the live ACTIVE session, ``None``, or 503."
-        current_token.__doc__ = "Dependency: the raw token of the request, or 401."
-        self._read_token = read_token
-        self.require_session: Callable[..., Awaitable[Session]] = require_session
-        self.optional_session: Callable[..., Awaitable[Session | None]] = optional_session
-        self.current_token: Callable[..., Awaitable[str]] = current_token
+        # The validated ACTIVE session of a request, shared by this object's dependencies
+        # (require_session + require_user in one endpoint validate once).
+        self._memo_key = f"engine.fastapi.session.{id(self)}"
+        self._challenge = f'Bearer realm="{realm}"'
+        self._bearer_model = HTTPBearerModel(description="Session token")
+        # Shown in OpenAPI next to the bearer scheme; only read by document_cookie_auth.
+        self.cookie_scheme: APIKeyCookie | None = None
+        if cookie:
+            scheme_name = "APIKeyCookie"
+            if cookie_name not in (DEFAULT_COOKIE, PLAIN_COOKIE):
+                scheme_name += f"_{cookie_name}"
+            self.cookie_scheme = APIKeyCookie(
+                name=cookie_name, scheme_name=scheme_name, auto_error=False
+            )
+        self.require_session: Callable[..., Awaitable[Session]] = _RequireSession(self)
+        self.optional_session: Callable[..., Awaitable[Session | None]] = _OptionalSession(self)
+        self.current_token: Callable[..., Awaitable[str]] = _CurrentToken(self)
 
     def token_of(self, request: Request) -> str | None:
         """The token of a request: the Bearer credentials first, else the cookie.
 
         An empty value counts as absent. The token is not checked here; malformed tokens
-        are refused by the engine before any Redis call.
+        are refused by the engine before any Redis call. No CSRF check either.
         """
         return self._read(request)[0]
 
     def _read(self, request: Request) -> tuple[str | None, bool]:
         """The token and whether it came from the cookie (an ambient credential)."""
         if self.bearer:
-            header = request.headers.get("authorization")
-            if header:
-                scheme, _, credentials = header.partition(" ")
-                credentials = credentials.strip()
-                if scheme.lower() == "bearer" and credentials:
-                    return credentials, False
+            # The raw header list: cheaper than building request.headers for one lookup.
+            for name, value in request.scope["headers"]:
+                if name == b"authorization":
+                    scheme, _, credentials = value.decode("latin-1").partition(" ")
+                    credentials = credentials.strip()
+                    if scheme.lower() == "bearer" and credentials:
+                        return credentials, False
+                    break
         if self.cookie:
-            value = request.cookies.get(self.cookie_name)
-            if value:
-                return value, True
+            cookie = request.cookies.get(self.cookie_name)
+            if cookie:
+                return cookie, True
         return None, False
+
+    def _token(self, request: Request) -> str | None:
+        """The request's token, after the CSRF check of a cookie (403 when it fails)."""
+        token, from_cookie = self._read(request)
+        if from_cookie and self.csrf and not self._same_origin(request):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, detail="cross-site request refused")
+        return token
 
     def _same_origin(self, request: Request) -> bool:
         """CSRF check of a cookie-authenticated request (see the module docstring)."""
@@ -498,21 +504,34 @@ class SessionAuth:
         own = f"{request.url.scheme}://{headers.get('host', '')}".lower()
         return origin == own
 
-    async def _validate(
-        self, engine: SessionEngine, token: str, states: frozenset[SessionState] | None
-    ) -> Session | None:
-        try:
-            return await engine.validate(token, states)
-        except EngineUnavailable as exc:
-            raise _unavailable() from exc
+    async def _active(self, request: Request) -> tuple[str | None, Session | None]:
+        """The token and its live ACTIVE session (``None`` if none), validated once per
+        request whichever of this object's dependencies asks first."""
+        scope = request.scope
+        memo: tuple[str | None, Session | None] | None = scope.get(self._memo_key)
+        if memo is not None:
+            return memo
+        token = self._token(request)
+        session = None
+        if token is not None:
+            try:
+                session = await _engine_of(request).validate(token)
+            except EngineUnavailable as exc:
+                raise _unavailable() from exc
+        scope[self._memo_key] = token, session
+        return token, session
 
     def _unauthorized(self, token_given: bool) -> HTTPException:
-        challenge = f'Bearer realm="{self.realm}"'
         if token_given:
-            challenge += ', error="invalid_token"'
-        detail = "invalid or expired session" if token_given else "not authenticated"
+            return HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                detail="invalid or expired session",
+                headers={"WWW-Authenticate": self._challenge + ', error="invalid_token"'},
+            )
         return HTTPException(
-            status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": challenge}
+            status.HTTP_401_UNAUTHORIZED,
+            detail="not authenticated",
+            headers={"WWW-Authenticate": self._challenge},
         )
 
     def require_state(self, *states: SessionState) -> Callable[..., Awaitable[Session]]:
@@ -527,31 +546,7 @@ class SessionAuth:
         """
         if not states:
             raise ValueError("require_state needs at least one state")
-        allowed = frozenset(SessionState(s) for s in states)
-        names = ", ".join(sorted(s.value for s in allowed))
-
-        async def dependency(
-            token: Annotated[str | None, Depends(self._read_token)],
-            engine: Annotated[SessionEngine, Depends(get_engine)],
-        ) -> Session:
-            if token is None:
-                raise self._unauthorized(False)
-            session = await self._validate(engine, token, allowed)
-            if session is not None:
-                return session
-            try:
-                other = await engine.get(token)
-            except EngineUnavailable as exc:
-                raise _unavailable() from exc
-            if other is None:
-                raise self._unauthorized(True)
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN,
-                detail=f"session state {other.state.value!r} is not allowed here "
-                f"(allowed: {names})",
-            )
-
-        return dependency
+        return _RequireState(self, frozenset(SessionState(s) for s in states))
 
     def require_user(
         self, user: str | Callable[[Session], bool]
@@ -571,15 +566,7 @@ class SessionAuth:
         check: Callable[[Session], bool] = (
             (lambda s: s.user_id == user) if isinstance(user, str) else user
         )
-
-        async def dependency(session: Annotated[Session, Depends(self.require_session)]) -> Session:
-            if not check(session):
-                raise HTTPException(
-                    status.HTTP_403_FORBIDDEN, detail="this session may not access this resource"
-                )
-            return session
-
-        return dependency
+        return _RequireUser(self, check)
 
     def set_cookie(self, response: Response, token: str, **options: Any) -> None:
         """``set_session_cookie`` with this object's cookie name and ``secure`` flag."""
@@ -590,6 +577,156 @@ class SessionAuth:
         """``clear_session_cookie`` with this object's cookie name and ``secure`` flag."""
         options.setdefault("secure", self.cookie_secure)
         clear_session_cookie(response, name=self.cookie_name, **options)
+
+
+class _AuthDependency(SecurityBase):
+    """One async dependency of a ``SessionAuth``; in OpenAPI, its ``HTTPBearer`` scheme.
+
+    A ``SecurityBase`` so that FastAPI lists the scheme on every operation that uses it,
+    without a sub-dependency; its only parameter is the request.
+    """
+
+    def __init__(self, auth: SessionAuth) -> None:
+        self.auth = auth
+        self.model = auth._bearer_model
+        self.scheme_name = "HTTPBearer"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__.lstrip('_')} of SessionAuth(realm={self.auth.realm!r})>"
+
+
+class _RequireSession(_AuthDependency):
+    """Dependency: the request's live ACTIVE session, or 401/403/503."""
+
+    async def __call__(self, request: Request) -> Session:
+        token, session = await self.auth._active(request)
+        if session is None:
+            raise self.auth._unauthorized(token is not None)
+        return session
+
+
+class _OptionalSession(_AuthDependency):
+    """Dependency: the live ACTIVE session, ``None``, or 403/503."""
+
+    async def __call__(self, request: Request) -> Session | None:
+        return (await self.auth._active(request))[1]
+
+
+class _CurrentToken(_AuthDependency):
+    """Dependency: the raw token of the request (not validated), or 401/403."""
+
+    async def __call__(self, request: Request) -> str:
+        memo = request.scope.get(self.auth._memo_key)  # read already by require_session
+        token = memo[0] if memo is not None else self.auth._token(request)
+        if token is None:
+            raise self.auth._unauthorized(False)
+        return token
+
+
+class _RequireUser(_AuthDependency):
+    """Dependency: an ACTIVE session passing a check (403 otherwise), or 401/503."""
+
+    def __init__(self, auth: SessionAuth, check: Callable[[Session], bool]) -> None:
+        super().__init__(auth)
+        self.check = check
+
+    async def __call__(self, request: Request) -> Session:
+        token, session = await self.auth._active(request)
+        if session is None:
+            raise self.auth._unauthorized(token is not None)
+        if not self.check(session):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, detail="this session may not access this resource"
+            )
+        return session
+
+
+class _RequireState(_AuthDependency):
+    """Dependency: a live session in one of some states (403 in another), or 401/503."""
+
+    def __init__(self, auth: SessionAuth, states: frozenset[SessionState]) -> None:
+        super().__init__(auth)
+        self.states = states
+        self.names = ", ".join(sorted(s.value for s in states))
+
+    async def __call__(self, request: Request) -> Session:
+        auth = self.auth
+        token = auth._token(request)
+        if token is None:
+            raise auth._unauthorized(False)
+        engine = _engine_of(request)
+        try:
+            session = await engine.validate(token, self.states)
+            other = None if session is not None else await engine.get(token)
+        except EngineUnavailable as exc:
+            raise _unavailable() from exc
+        if session is not None:
+            return session
+        if other is None:
+            raise auth._unauthorized(True)
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail=f"session state {other.state.value!r} is not allowed here "
+            f"(allowed: {self.names})",
+        )
+
+
+def document_cookie_auth(app: FastAPI) -> None:
+    """Show the session cookie scheme in ``app.openapi()`` next to the bearer scheme.
+
+    Every operation that uses a ``SessionAuth`` dependency gets that object's cookie
+    scheme as an alternative (``security: [{HTTPBearer: []}, {APIKeyCookie: []}]``).
+    ``engine_lifespan`` calls it at startup; call it yourself when you build the schema
+    without running the app. Calling it twice is harmless.
+    """
+    original = app.openapi
+    if getattr(original, "_documents_cookie_auth", False):
+        return
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = original()
+            _add_cookie_schemes(app, schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    openapi._documents_cookie_auth = True  # type: ignore[attr-defined]
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi_schema = None  # built again, with the cookie schemes
+
+
+def _add_cookie_schemes(app: FastAPI, schema: dict[str, Any]) -> None:
+    paths = schema.get("paths", {})
+    components = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue
+        schemes = {
+            dep.auth.cookie_scheme.scheme_name: dep.auth.cookie_scheme
+            for dep in _auth_dependencies(route.dependant)
+            if dep.auth.cookie_scheme is not None
+        }
+        if not schemes:
+            continue
+        operations = paths.get(route.path_format, {})
+        for method in route.methods or ():
+            operation = operations.get(method.lower())
+            if operation is None:
+                continue
+            security = operation.setdefault("security", [])
+            for name, scheme in schemes.items():
+                components[name] = jsonable_encoder(scheme.model, by_alias=True, exclude_none=True)
+                if {name: []} not in security:
+                    security.append({name: []})
+
+
+def _auth_dependencies(dependant: Dependant) -> Iterator[_AuthDependency]:
+    stack = [dependant]
+    while stack:
+        current = stack.pop()
+        if isinstance(current.call, _AuthDependency):
+            yield current.call
+        stack.extend(current.dependencies)
 
 
 def _origin(value: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,7 +12,8 @@ from typing import Annotated, Any
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, Response
-from helpers import delete_prefix
+from fastapi.routing import APIRoute
+from helpers import delete_prefix, primaries
 
 from engine import EngineSettings, Session, SessionEngine, SessionState
 from engine.cluster import LocalCluster
@@ -19,6 +21,7 @@ from engine.fastapi import (
     SessionAuth,
     clear_session_cookie,
     current_token,
+    document_cookie_auth,
     engine_lifespan,
     get_engine,
     optional_session,
@@ -27,6 +30,7 @@ from engine.fastapi import (
     require_user,
     set_session_cookie,
 )
+from loadtest.app import create_app
 
 pytestmark = pytest.mark.cluster
 
@@ -303,3 +307,95 @@ def test_public_names() -> None:
         assert getattr(module, name) is not None, name
     for name in ("install_error_handlers", "engine_error_handlers", "SessionAuth", "get_engine"):
         assert name in module.__all__
+
+
+# -- the request path: one async dependency, one script call -----------------------------
+
+
+def _is_async(call: Any) -> bool:
+    """A coroutine function, or an object whose __call__ is one (FastAPI awaits both)."""
+    return inspect.iscoroutinefunction(call) or (
+        not inspect.isroutine(call) and inspect.iscoroutinefunction(type(call).__call__)
+    )
+
+
+def _dependencies(dependant: Any) -> list[Any]:
+    """Every dependency FastAPI solves for a route (the endpoint itself excluded)."""
+    found, stack = [], list(dependant.dependencies)
+    while stack:
+        current = stack.pop()
+        found.append(current.call)
+        stack.extend(current.dependencies)
+    return found
+
+
+def test_request_path_has_one_async_dependency_and_no_sync_one() -> None:
+    app = build_app(EngineSettings(url="redis://127.0.0.1:1"))
+    routes = {route.path: route for route in app.routes if isinstance(route, APIRoute)}
+    for path, route in routes.items():
+        for call in [route.dependant.call, *_dependencies(route.dependant)]:
+            assert _is_async(call), (path, call)  # no thread-pool hop anywhere
+    assert inspect.iscoroutinefunction(get_engine)
+    for path in ("/me", "/maybe", "/pending", "/admin", "/custom"):
+        assert len(_dependencies(routes[path].dependant)) == 1, path
+    # require_user beside require_session: two dependencies, still one validation (below).
+    assert len(_dependencies(routes["/alice"].dependant)) == 2
+    ref = create_app(EngineSettings(url="redis://127.0.0.1:1"))
+    for route in ref.routes:
+        if isinstance(route, APIRoute):
+            for call in [route.dependant.call, *_dependencies(route.dependant)]:
+                assert _is_async(call), (route.path, call)
+            if route.path == "/me":
+                assert len(_dependencies(route.dependant)) == 1
+
+
+def _evalsha_calls(url: str) -> int:
+    total = 0
+    for client in primaries(url):
+        with client:
+            stats = client.info("commandstats")
+            total += int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    return total
+
+
+async def test_one_script_call_per_request(
+    api: tuple[httpx.AsyncClient, SessionEngine], cluster_url: str
+) -> None:
+    client, engine = api
+    token = (await engine.create(user_id="counted")).token
+    n = 50
+    for path in ("/me", "/alice", "/maybe"):
+        before = await asyncio.to_thread(_evalsha_calls, cluster_url)
+        for _ in range(n):
+            r = await client.get(path, headers=bearer(token))
+            assert r.status_code in (200, 403), (path, r.status_code)
+        after = await asyncio.to_thread(_evalsha_calls, cluster_url)
+        assert after - before == n, (path, after - before)
+
+
+async def test_openapi_declares_bearer_and_cookie_schemes(
+    api: tuple[httpx.AsyncClient, SessionEngine],
+) -> None:
+    client, _ = api
+    schema = (await client.get("/openapi.json")).json()
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["HTTPBearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "Session token",
+    }
+    assert schemes["APIKeyCookie"] == {"type": "apiKey", "in": "cookie", "name": "__Host-session"}
+    assert schemes["APIKeyCookie_sid"] == {"type": "apiKey", "in": "cookie", "name": "sid"}
+    paths = schema["paths"]
+    for path, method in (("/me", "get"), ("/alice", "get"), ("/logout", "post")):
+        security = paths[path][method]["security"]
+        assert security == [{"HTTPBearer": []}, {"APIKeyCookie": []}], (path, security)
+    assert paths["/custom"]["get"]["security"] == [{"HTTPBearer": []}, {"APIKeyCookie_sid": []}]
+    assert "security" not in paths["/login/{user}"]["post"]
+    # Without the lifespan (a schema exported offline), one call documents the cookie.
+    offline = build_app(EngineSettings(url="redis://127.0.0.1:1"))
+    assert offline.openapi()["paths"]["/me"]["get"]["security"] == [{"HTTPBearer": []}]
+    document_cookie_auth(offline)
+    document_cookie_auth(offline)  # twice is harmless
+    security = offline.openapi()["paths"]["/me"]["get"]["security"]
+    assert security == [{"HTTPBearer": []}, {"APIKeyCookie": []}]
