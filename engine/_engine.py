@@ -36,13 +36,14 @@ from ._errors import (
     map_reply_error,
 )
 from ._keys import KeySpace, slot_of_tag
+from ._lifecycle import State
 from ._metrics import Metrics
 from ._models import EngineStats, MissReasons, NewSession, Session, SessionState, build_session
 from ._payload import encode_data
 from ._scripts import Script, scripts
 from ._settings import MAX_TTL, MIN_TTL, EngineSettings
 from ._tokens import new_token, parse_token, random_tag, session_id_of
-from ._transport import CommandTimeout, ConnectionLost, Transport, TransportOptions, pack
+from ._transport import Transport, TransportOptions, pack
 
 __all__ = ["SessionEngine"]
 
@@ -69,12 +70,6 @@ _UNSET: Final = _Unset.UNSET
 K = TypeVar("K")
 T = TypeVar("T")
 V = TypeVar("V")
-
-
-class _State(enum.Enum):
-    NEW = "new"
-    OPEN = "open"
-    CLOSED = "closed"
 
 
 def _ms_to_dt(ms: float) -> datetime:
@@ -132,7 +127,7 @@ class SessionEngine:
         self._scripts = scripts()
         self._metrics = Metrics(settings.latency_window)
         self._transport: Transport | None = None
-        self._state = _State.NEW
+        self._state = State.NEW
         self._timeout = settings.command_timeout
         self._idle_ms = round(settings.idle_ttl * 1000)
         self._absolute_ms = round(settings.absolute_ttl * 1000)
@@ -163,9 +158,9 @@ class SessionEngine:
 
     async def open(self) -> Self:
         """Connect, detect cluster or standalone, load the scripts on every primary."""
-        if self._state is _State.OPEN:
+        if self._state is State.OPEN:
             return self
-        if self._state is _State.CLOSED:
+        if self._state is State.CLOSED:
             raise EngineError("this engine was closed; make a new one")
         s = self.settings
         options = TransportOptions(
@@ -180,7 +175,7 @@ class SessionEngine:
             breaker_reset=s.breaker_reset,
         )
         self._transport = await Transport.open(options, list(self._scripts.values()))
-        self._state = _State.OPEN
+        self._state = State.OPEN
         return self
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -201,9 +196,9 @@ class SessionEngine:
 
     async def aclose(self) -> None:
         """Close the connections. Safe to call more than once."""
-        if self._state is _State.CLOSED:
+        if self._state is State.CLOSED:
             return
-        self._state = _State.CLOSED
+        self._state = State.CLOSED
         if self._transport is not None:
             await self._transport.aclose()
 
@@ -216,7 +211,7 @@ class SessionEngine:
     @property
     def transport(self) -> Transport:
         """The open transport (for tools and tests; applications should not need it)."""
-        if self._transport is None or self._state is not _State.OPEN:
+        if self._transport is None or self._state is not State.OPEN:
             raise EngineError("the engine is not open: use `async with SessionEngine(...)`")
         return self._transport
 
@@ -535,7 +530,7 @@ class SessionEngine:
         else:
             packed = self._pack_validate(derived[2], self._states(states))
         transport = self._transport
-        if transport is None or self._state is not _State.OPEN:
+        if transport is None or self._state is not State.OPEN:
             raise EngineError("the engine is not open: use `async with SessionEngine(...)`")
         deadline = transport.loop.time() + self._timeout
         fut = transport.try_send(derived[0], packed, deadline)
@@ -543,16 +538,18 @@ class SessionEngine:
         if fut is not None:
             try:
                 reply = await fut
-            except CommandTimeout as exc:
-                m.errors += 1
-                raise EngineUnavailable(str(exc)) from exc
-            except ConnectionLost:
-                fut = None  # call() below retries within the same deadline
-        if fut is None or type(reply) is ReplyError:
-            # Slow path: redirects, NOSCRIPT, reconnects, retries, back-pressure.
+            except Exception as exc:  # the transport's own failure type: call() decides
+                reply = exc
+        if fut is None or type(reply) is ReplyError or isinstance(reply, Exception):
+            # Slow path: redirects, NOSCRIPT, reconnects, retries, back-pressure; it carries
+            # on from the first try's outcome rather than sending the command again first.
             try:
                 reply = await transport.call(
-                    derived[0], packed, deadline=deadline, script=self._validate_script
+                    derived[0],
+                    packed,
+                    deadline=deadline,
+                    script=self._validate_script,
+                    first=reply,
                 )
             except EngineUnavailable:
                 m.errors += 1

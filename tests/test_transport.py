@@ -31,7 +31,8 @@ import pytest
 from engine import EngineSettings, EngineUnavailable, SessionEngine
 from engine._keys import slot_of_tag
 from engine._tokens import parse_token
-from engine._transport import _Connection, pack
+from engine._transport import pack
+from engine._transport._connection import Connection
 from engine.cluster import ClusterNode, LocalCluster
 
 pytestmark = pytest.mark.cluster
@@ -512,15 +513,15 @@ def recovered_after(load: Load, since: float) -> bool:
 def peak_inflight(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
     """Spy on every connection's send: the largest in-flight count each one reached."""
     peaks: dict[int, int] = {}
-    original = _Connection.send
+    original = Connection.send
 
-    def send(self: _Connection, packed: bytes, deadline: float) -> Any:
+    def send(self: Connection, packed: bytes, deadline: float) -> Any:
         fut = original(self, packed, deadline)
         key = id(self)
         peaks[key] = max(peaks.get(key, 0), len(self.pending))
         return fut
 
-    monkeypatch.setattr(_Connection, "send", send)
+    monkeypatch.setattr(Connection, "send", send)
     return peaks
 
 
@@ -715,3 +716,46 @@ async def test_revoke_user_during_a_migration_completes_after_it(cl: LocalCluste
         # so the count undercounts; what matters is that every session is gone.
         assert await revoking >= 1
         assert await eng.validate_many(tokens) == [None] * len(tokens)
+
+
+# -- the fast lane hands its first reply on instead of sending again -----------------------
+
+
+def _calls(cl: LocalCluster, command: str) -> int:
+    """Times ``command`` reached a primary, run or refused (a MOVED is a rejected call),
+    summed over every primary (INFO commandstats)."""
+    total = 0
+    for node in cl.primaries():
+        stats = cl.run(node.port, "INFO", "commandstats")
+        entry = stats.get(f"cmdstat_{command}") or {}
+        total += int(entry.get("calls", 0)) + int(entry.get("rejected_calls", 0))
+    return total
+
+
+async def test_noscript_on_the_fast_lane_costs_one_eval_not_a_second_evalsha(
+    cl: LocalCluster,
+) -> None:
+    async with open_engine(cl.url) as eng:
+        token = (await eng.create(user_id="noscript")).token
+        for node in cl.primaries():
+            cl.run(node.port, "SCRIPT", "FLUSH")
+        evalsha, eval_ = _calls(cl, "evalsha"), _calls(cl, "eval")
+        assert await eng.validate(token) is not None
+        assert (_calls(cl, "evalsha") - evalsha, _calls(cl, "eval") - eval_) == (1, 1)
+        await eng.transport.load_scripts()
+
+
+async def test_moved_on_the_fast_lane_costs_two_round_trips_not_three(
+    cl: LocalCluster,
+) -> None:
+    async with open_engine(cl.url) as eng:
+        token = (await eng.create(user_id="moved")).token
+        slot = slot_of_token(token)
+        t = eng.transport
+        right = t.node_for_slot(slot)
+        wrong = next(n for n in t.primaries() if n is not right)
+        t._slot_nodes[slot] = wrong  # a stale slot map, as after a failover
+        before = _calls(cl, "evalsha")
+        assert await eng.validate(token) is not None
+        assert _calls(cl, "evalsha") - before == 2  # the MOVED one, then the right node
+        assert t.node_for_slot(slot) is right
