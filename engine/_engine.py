@@ -8,7 +8,6 @@ It never touches a socket. Everything it refuses, it refuses before any Redis ca
 from __future__ import annotations
 
 import asyncio
-import binascii
 import enum
 import itertools
 import math
@@ -35,7 +34,7 @@ from ._errors import (
     SessionNotFound,
     map_reply_error,
 )
-from ._keys import KeySpace, slot_of_tag
+from ._keys import ABSOLUTE, CREATED, HEADER_LEN, IDLE, STATE, VERSION, KeySpace, slot_of_tag
 from ._lifecycle import State
 from ._metrics import Metrics
 from ._models import EngineStats, MissReasons, NewSession, Session, SessionState, build_session
@@ -50,7 +49,7 @@ __all__ = ["SessionEngine"]
 _MISS_UNKNOWN: Final = 0
 _MISS_EXPIRED: Final = 1
 _MISS_STATE: Final = 2
-# One letter per state in the stored value (see lua/_prelude.lua for the layout).
+# One letter per state in the stored value (layout: _keys.py).
 _STATE_CODE: Final = {
     SessionState.ACTIVE: "a",
     SessionState.PENDING: "p",
@@ -58,7 +57,6 @@ _STATE_CODE: Final = {
 }
 _STATE_BY_BYTE: Final = {ord(code): state for state, code in _STATE_CODE.items()}
 _ALL_STATES: Final = "".join(_STATE_CODE.values()).encode()
-_HEADER: Final = 49  # bytes before the owner in a stored session
 _DEFAULT_STATES: Final = frozenset({SessionState.ACTIVE})
 
 
@@ -123,7 +121,6 @@ class SessionEngine:
         self._keys = KeySpace(
             settings.key_prefix, tag_secret=tag_secret, max_id_bytes=settings.max_id_bytes
         )
-        self._prefix = settings.key_prefix
         self._scripts = scripts()
         self._metrics = Metrics(settings.latency_window)
         self._transport: Transport | None = None
@@ -363,14 +360,14 @@ class SessionEngine:
     def _parse_head(self, head: bytes) -> tuple[str | None, SessionState, datetime, datetime, int]:
         """The parts of a stored session that change only on update, memoised like tokens:
         a session validated on every request has the same head every time."""
-        owner = head[_HEADER:]
+        owner = head[HEADER_LEN:]
         user = (unquote(owner.decode()) if b"%" in owner else owner.decode()) if owner else None
         fixed = (
             user,
-            _STATE_BY_BYTE[head[0]],
-            _ms_to_dt(int(head[26:39])),
-            _ms_to_dt(int(head[1:14])),
-            int(head[39:49]),
+            _STATE_BY_BYTE[head[STATE.start]],
+            _ms_to_dt(int(head[CREATED.slice])),
+            _ms_to_dt(int(head[ABSOLUTE.slice])),
+            int(head[VERSION.slice]),
         )
         if self._derived_max:
             _memo_put(self._heads, head, fixed, self._derived_max)
@@ -392,9 +389,9 @@ class SessionEngine:
             return None
         tag, secret = parsed
         sid = session_id_of(secret)
-        key = f"{self._prefix}:{{{tag}}}:s:{sid}"
+        key = self._keys.session(tag, sid)
         derived = (
-            binascii.crc_hqx(tag.encode(), 0) & 16383,
+            slot_of_tag(tag),
             sid,
             key,
             # The whole EVALSHA of a validate with the default states, ready to write.
@@ -748,9 +745,9 @@ class SessionEngine:
             new_tag,
             user_id,
             self._keys.encode_id(user_id),
-            value[0:1].decode(),
-            value[_HEADER:].partition(b"|")[2],
-            int(value[14:26]),
+            value[STATE.slice].decode(),
+            value[HEADER_LEN:].partition(b"|")[2],
+            int(value[IDLE.slice]),
             self._absolute_ms,
         )
         if taken is not None:

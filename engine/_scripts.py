@@ -1,9 +1,10 @@
 """The server-side scripts: read from ``lua/`` once, identified by their SHA1.
 
-Each script is ``_prelude.lua`` followed by the script's own file, so helpers are shared
-without a Redis function library (which every node of a cluster would have to be given,
-and reloaded on after a restart). ``validate`` goes without the prelude: defining its
-helper functions costs a closure each per call, measurable on the hot path.
+Each script is the layout constants (``_keys.lua_layout()``: header offsets and key parts,
+named once, in Python), then ``_prelude.lua``, then the script's own file, so helpers are
+shared without a Redis function library (which every node of a cluster would have to be
+given, and reloaded on after a restart). ``validate`` goes without the prelude: defining
+its helper functions costs a closure each per call, measurable on the hot path.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import hashlib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+from ._keys import lua_layout
 
 __all__ = ["SCRIPT_NAMES", "Script", "lua_dir", "scripts"]
 
@@ -52,10 +55,12 @@ def lua_dir() -> Path:
 def scripts() -> dict[str, Script]:
     """All scripts by name, loaded once per process."""
     folder = lua_dir()
+    layout = lua_layout().encode()
     prelude = (folder / "_prelude.lua").read_bytes()
     out: dict[str, Script] = {}
     for name in SCRIPT_NAMES:
         body = (folder / f"{name}.lua").read_bytes()
-        source = body if name in _WITHOUT_PRELUDE else prelude + b"\n" + body
+        shared = layout if name in _WITHOUT_PRELUDE else layout + prelude + b"\n"
+        source = shared + body
         out[name] = Script(name, source, hashlib.sha1(source).hexdigest().encode())
     return out

@@ -19,7 +19,7 @@ if ARGV[5] == '1' then
   redis.call('ZREMRANGEBYSCORE', idx, '-inf', now)
   local live = false
   for _, sid in ipairs(redis.call('ZRANGE', idx, 0, -1)) do
-    if redis.call('EXISTS', ARGV[6] .. 's:' .. sid) == 1 then
+    if redis.call('EXISTS', ARGV[6] .. SESSION_PART .. sid) == 1 then
       live = true
       break
     end
@@ -31,7 +31,7 @@ if redis.call('SISMEMBER', rooms, ARGV[4]) == 0 then
   local max_rooms = tonumber(ARGV[7])
   if redis.call('SCARD', rooms) >= max_rooms then
     -- Rooms whose history expired stay in the set until pruned here.
-    local head = ARGV[6] .. 'c:' .. ARGV[8] .. ':'
+    local head = ARGV[6] .. CHAT_PART .. ARGV[8] .. ':'
     for _, room in ipairs(redis.call('SMEMBERS', rooms)) do
       if redis.call('EXISTS', head .. room) == 0 then
         redis.call('SREM', rooms, room)

@@ -34,7 +34,7 @@ if idx then
   if redis.call('ZCARD', idx) >= limit then
     -- Members whose session idled out stay indexed until their absolute deadline.
     for _, sid in ipairs(redis.call('ZRANGE', idx, 0, -1)) do
-      if redis.call('EXISTS', base .. 's:' .. sid) == 0 then
+      if redis.call('EXISTS', base .. SESSION_PART .. sid) == 0 then
         redis.call('ZREM', idx, sid)
       end
     end
@@ -42,7 +42,7 @@ if idx then
   while redis.call('ZCARD', idx) >= limit do
     if ARGV[8] ~= 'evict' then return -1 end
     local oldest = redis.call('ZPOPMIN', idx)
-    redis.call('DEL', base .. 's:' .. oldest[1])
+    redis.call('DEL', base .. SESSION_PART .. oldest[1])
   end
 end
 

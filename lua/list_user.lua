@@ -8,7 +8,7 @@ local base = ARGV[1]
 redis.call('ZREMRANGEBYSCORE', idx, '-inf', now_ms())
 local out = {}
 for _, sid in ipairs(redis.call('ZRANGE', idx, 0, -1)) do
-  local key = base .. 's:' .. sid
+  local key = base .. SESSION_PART .. sid
   local v = redis.call('GET', key)
   if v then
     out[#out + 1] = sid

@@ -14,6 +14,6 @@ if ARGV[3] ~= '' and owner ~= ARGV[3] then return 0 end
 local pttl = redis.call('PTTL', key)
 redis.call('DEL', key)
 if owner ~= '' then
-  redis.call('ZREM', ARGV[2] .. 'u:' .. owner, ARGV[1])
+  redis.call('ZREM', ARGV[2] .. INDEX_PART .. owner, ARGV[1])
 end
 return {v, pttl}

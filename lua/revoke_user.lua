@@ -14,14 +14,14 @@ local keep = ARGV[2]
 local n = 0
 for _, sid in ipairs(redis.call('ZRANGE', idx, 0, -1)) do
   if sid ~= keep then
-    n = n + redis.call('DEL', base .. 's:' .. sid)
+    n = n + redis.call('DEL', base .. SESSION_PART .. sid)
     redis.call('ZREM', idx, sid)
   end
 end
 index_expire(idx)
 if ARGV[3] == '1' then
   for _, room in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-    redis.call('DEL', base .. 'c:' .. ARGV[4] .. ':' .. room)
+    redis.call('DEL', base .. CHAT_PART .. ARGV[4] .. ':' .. room)
   end
   redis.call('DEL', KEYS[2])
 end

@@ -22,16 +22,16 @@ end
 local base = ARGV[3]
 local owner, bar = owner_of(v)
 if owner ~= '' then
-  redis.call('ZREM', base .. 'u:' .. owner, ARGV[1])
+  redis.call('ZREM', base .. INDEX_PART .. owner, ARGV[1])
 end
 if ARGV[4] ~= '' and ARGV[4] ~= owner then
   owner = ARGV[4]
-  v = string.sub(v, 1, 49) .. owner .. string.sub(v, bar)
+  v = string.sub(v, 1, HEADER) .. owner .. string.sub(v, bar)
 end
 redis.call('SET', KEYS[2], v, 'PX', ttl)
 redis.call('DEL', old)
 if owner ~= '' then
-  local idx = base .. 'u:' .. owner
+  local idx = base .. INDEX_PART .. owner
   redis.call('ZADD', idx, absolute_of(v), ARGV[2])
   index_expire(idx)
 end

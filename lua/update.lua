@@ -18,9 +18,9 @@ end
 local owner, bar = owner_of(v)
 local data = string.sub(v, bar + 1)
 if ARGV[1] == '1' then data = ARGV[2] end
-local state = string.sub(v, 1, 1)
+local state = string.sub(v, F_STATE, T_STATE)
 if ARGV[3] ~= '' then state = ARGV[3] end
-v = pack_session(state, absolute_of(v), idle_of(v), tonumber(string.sub(v, 27, 39)),
+v = pack_session(state, absolute_of(v), idle_of(v), created_of(v),
                  version + 1, owner, data)
 redis.call('SET', key, v, 'KEEPTTL')
 return {v, redis.call('PTTL', key)}
