@@ -83,6 +83,10 @@ def _memo_put(memo: dict[K, V], key: K, value: V, limit: int) -> None:
     memo[key] = value
 
 
+def _evalsha(script: Script, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+    return pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
+
+
 def _states_arg(states: Collection[SessionState]) -> bytes:
     for s in states:
         if not isinstance(s, SessionState):
@@ -221,7 +225,12 @@ class SessionEngine:
         """The key layout (read-only use: tests and tools)."""
         return self._keys
 
-    # -- helpers ----------------------------------------------------------------------
+    # -- sending ----------------------------------------------------------------------
+    #
+    # Every operation goes through _call (one command to the slot of a tag, errors counted):
+    # reads through _run/_command, writes through _write (WAIT, no resend after a lost
+    # reply). The one exception is validate's fast lane, which skips a coroutine layer and
+    # hands anything it cannot use to the transport's call().
 
     async def _run(
         self,
@@ -231,10 +240,15 @@ class SessionEngine:
         args: Sequence[Any],
         *,
         operation: str,
-        idempotent: bool = True,
     ) -> Any:
-        """Run one script in the slot of ``tag`` and return its reply; map errors."""
-        reply = await self._call(script, tag, keys, args, idempotent=idempotent, then=None)
+        """Run a reading script in the slot of ``tag`` and return its reply; map errors."""
+        return await self._command(tag, _evalsha(script, keys, args), operation, script=script)
+
+    async def _command(
+        self, tag: str, packed: bytes, operation: str, *, script: Script | None = None
+    ) -> Any:
+        """A read (safe to resend) in the slot of ``tag``: its reply; error replies raised."""
+        reply = await self._call(tag, packed, script=script, idempotent=True, then=None)
         if type(reply) is ReplyError:
             raise map_reply_error(reply, operation=operation)
         return reply
@@ -261,7 +275,12 @@ class SessionEngine:
         """
         then = self._wait
         reply = await self._call(
-            script, tag, keys, args, idempotent=idempotent, then=then, deadline=deadline
+            tag,
+            _evalsha(script, keys, args),
+            script=script,
+            idempotent=idempotent,
+            then=then,
+            deadline=deadline,
         )
         acked: Any = None
         if then is not None:
@@ -291,22 +310,20 @@ class SessionEngine:
 
     async def _call(
         self,
-        script: Script,
         tag: str,
-        keys: Sequence[str],
-        args: Sequence[Any],
+        packed: bytes,
         *,
+        script: Script | None,
         idempotent: bool,
         then: bytes | None,
         deadline: float | None = None,
     ) -> Any:
-        argv = (b"EVALSHA", script.sha, len(keys), *keys, *args)
         if deadline is None:
             deadline = self.write_deadline() if then is not None else None
         try:
             return await self.transport.call(
                 slot_of_tag(tag),
-                pack(argv),
+                packed,
                 script=script,
                 idempotent=idempotent,
                 then=then,
@@ -970,11 +987,8 @@ class SessionEngine:
             raise InvalidArgument("limit must be a positive int")
         limit = min(limit, self.settings.chat_max_messages)
         tag = self._keys.user_tag(user_id)
-        reply = await self.transport.call(
-            slot_of_tag(tag), pack(("LRANGE", self._keys.chat(tag, user_id, room_id), -limit, -1))
-        )
-        if type(reply) is ReplyError:
-            raise map_reply_error(reply, operation="chat_history")
+        key = self._keys.chat(tag, user_id, room_id)
+        reply = await self._command(tag, pack(("LRANGE", key, -limit, -1)), "chat_history")
         return [orjson.loads(m) for m in reply]
 
     async def chat_clear(self, user_id: str, room_id: str) -> None:
