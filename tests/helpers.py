@@ -20,7 +20,7 @@ def primaries(url: str) -> list[redis.Redis]:
     """A client per primary (one for a plain server)."""
     seed = redis.Redis.from_url(url, socket_timeout=5)
     try:
-        slots = seed.execute_command("CLUSTER SLOTS")
+        slots = seed.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
     except redis.ResponseError:
         return [seed]
     seed.close()
@@ -57,22 +57,26 @@ def all_keys(url: str, prefix: str) -> list[bytes]:
 def all_values(url: str, prefix: str) -> list[bytes]:
     """Every key name and value (any type, flattened) under ``prefix``, for secret scans."""
     out: list[bytes] = []
+
+    def add(*items: object) -> None:
+        out.extend(i if isinstance(i, bytes) else str(i).encode() for i in items)
+
     for client in primaries(url):
         with client:
             for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-                out.append(key)
+                add(key)
                 kind = client.type(key)
                 if kind == b"string":
-                    out.append(client.get(key) or b"")
+                    add(client.get(key) or b"")
                 elif kind == b"zset":
-                    out.extend(m for m in client.zrange(key, 0, -1))
+                    add(*client.zrange(key, 0, -1))
                 elif kind == b"set":
-                    out.extend(client.smembers(key))
+                    add(*client.smembers(key))
                 elif kind == b"list":
-                    out.extend(client.lrange(key, 0, -1))
+                    add(*client.lrange(key, 0, -1))
                 elif kind == b"hash":
                     for f, v in client.hgetall(key).items():
-                        out.extend((f, v))
+                        add(f, v)
     return out
 
 

@@ -72,7 +72,7 @@ def mount_of_node_conf(service: dict[str, Any]) -> str:
         source, target, *mode = volume.split(":")
         if (DOCKER / source).resolve() == NODE_CONF:
             assert mode == ["ro"], f"{volume} must be read-only"
-            return target
+            return str(target)
     raise AssertionError("the node does not mount ../engine/redis-node.conf")
 
 

@@ -25,7 +25,7 @@ async def drill(
     rate: float = 1500,
     **options: object,
 ) -> DrillReport:
-    with LocalCluster(**{**cluster_options(scenario), **options}) as cl:  # type: ignore[arg-type]
+    with LocalCluster(**{**cluster_options(scenario), **options}) as cl:
         report = await run_drill(
             scenario, cl, sessions=sessions, rate=rate, wait_replicas=wait_replicas, settle=1.5
         )

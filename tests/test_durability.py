@@ -40,6 +40,7 @@ async def _anonymous_on(eng: SessionEngine, node: ClusterNode) -> NewSession:
         try:
             new = await eng.create()
         except ReplicationIncomplete as exc:  # on the shard whose replica is cut off
+            assert isinstance(exc.result, NewSession)
             new = exc.result
         if _serves(node, slot_of_tag(new.token.split(".")[0])):
             return new

@@ -561,14 +561,14 @@ async def test_review_findings_stay_fixed(make_engine: Any) -> None:
             await asyncio.sleep(0.6)
             assert await eng.validate(short.token) is not None
         # Unhashable or absurd input: typed errors or None, never a crash.
-        assert await eng.validate([]) is None  # type: ignore[arg-type]
-        assert await eng.validate({}) is None  # type: ignore[arg-type]
+        assert await eng.validate([]) is None
+        assert await eng.validate({}) is None
         with pytest.raises(InvalidArgument):
             await eng.create(user_id="x", idle_ttl=float("inf"))
         with pytest.raises(InvalidArgument):
             await eng.create(user_id="x", absolute_ttl=float("nan"))
         with pytest.raises(InvalidArgument):
-            await eng.update(short.token, data={}, expected_version=True)  # type: ignore[arg-type]
+            await eng.update(short.token, data={}, expected_version=True)
     with pytest.raises(ValueError):
         EngineSettings(absolute_ttl=1e10)
 

@@ -87,7 +87,8 @@ def split_by_port(
 ) -> tuple[list[str], list[str]]:
     """(tokens whose slot the engine routes to ``port``, the others)."""
     t = eng.transport
-    on, off = [], []
+    on: list[str] = []
+    off: list[str] = []
     for tok in tokens:
         (on if t.node_for_slot(slot_of_token(tok)).port == port else off).append(tok)
     return on, off
@@ -412,7 +413,7 @@ async def test_paused_primary_fails_fast_and_recovers(cl: LocalCluster) -> None:
         # Failed probes closed their sockets: the engine's live connection is its only client
         # on the node (besides the one asking), not one more per failed probe.
         assert probes_after >= 2
-        assert node.conn is not None
+        assert node.conn is not None and node.conn._transport is not None
         mine = "{}:{}".format(*node.conn._transport.get_extra_info("sockname")[:2])
         await asyncio.sleep(0.2)
         listed = await asyncio.to_thread(cl.run, victim.port, "CLIENT", "LIST", "TYPE", "normal")
