@@ -16,6 +16,9 @@ data       no      ``create``/``update`` arguments (data dicts and models, ids, 
                    TTLs, expected_version): refused before any I/O, or accepted
 settings   no      ``EngineSettings`` from keyword arguments and from ``ENGINE_*``
                    variables; ``SessionEngine(...)`` built from what is accepted
+url        no      ``EngineSettings(url=...)`` and ``open()`` with odd URLs holding a
+                   password, on an event loop that connects nowhere: a clear error without
+                   the password, no connection to a server the URL does not name
 http       no      ``engine.fastapi``'s ``require_session``/``optional_session``/
                    ``current_token``/``require_user`` behind a tiny app, with any
                    ``Authorization``/``Cookie`` bytes and a stub engine
@@ -59,6 +62,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final, Protocol
+from urllib.parse import unquote, urlsplit
 
 import orjson
 from pydantic import BaseModel, ConfigDict, RootModel, ValidationError
@@ -82,6 +86,7 @@ __all__ = [
     "TARGETS",
     "HttpApp",
     "InvariantBroken",
+    "JailLoop",
     "RedisContext",
     "Source",
     "check_chat",
@@ -90,6 +95,7 @@ __all__ = [
     "check_ids",
     "check_settings",
     "check_token",
+    "check_url",
     "engine_fields",
     "main",
 ]
@@ -1133,6 +1139,106 @@ def check_settings(src: Source) -> None:
             raise broken("settings", "SessionEngine error shows a secret", **inputs) from None
 
 
+# -- target: url -----------------------------------------------------------------------
+
+
+class JailLoop(asyncio.SelectorEventLoop):
+    """An event loop that connects nowhere: it records where the engine tried to connect
+    and refuses, so any URL can be opened without reaching a real server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts: list[tuple[object, object]] = []
+
+    async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        host = args[1] if len(args) > 1 else kwargs.get("host")
+        port = args[2] if len(args) > 2 else kwargs.get("port")
+        self.attempts.append((host, port))
+        raise ConnectionRefusedError(111, "the fuzz jail refuses every connection")
+
+    async def create_unix_connection(self, *args: Any, **kwargs: Any) -> Any:
+        self.attempts.append((args[1] if len(args) > 1 else kwargs.get("path"), None))
+        raise ConnectionRefusedError(111, "the fuzz jail refuses every connection")
+
+    async def getaddrinfo(self, host: Any, port: Any, **kwargs: Any) -> Any:
+        self.attempts.append((host, port))
+        raise OSError("the fuzz jail resolves no name")
+
+
+def gen_url(src: Source) -> tuple[str, str]:
+    """A Redis URL with a password, around the parser's edges; returns (url, password)."""
+    scheme = pick(src, ["redis://", "rediss://", "REDIS://", "unix://", "http://", "://", ""])
+    user = pick(src, ["", "admin", src.text(6)])
+    odd = pick(src, ["", "%", "%zz", "%41", "@", ":", "/", "?", "#", "[", " ", "\x00", "é"])
+    password = f"pw{src.raw(4).hex()}Secret{odd}{pick(src, ['', src.text(3)])}"
+    host = pick(src, ["127.0.0.1", "localhost", "[::1]", "[::1", "::1", "", "10.0.0.1:1"])
+    port = pick(src, [":7000", ":7000", "", ":0", ":99999", ":-1", ":abc", ": 1", ":1:2"])
+    tail = pick(src, ["", "/", "/0", "/abc", "/99999", "/0?db=1", "?password=x", "#f"])
+    auth = pick(src, [f"{user}:{password}@", f":{password}@", f"{password}@", ""])
+    return f"{scheme}{auth}{host}{port}{tail}", password
+
+
+def _named_servers(url: str) -> set[tuple[str, int]] | None:
+    """The servers a URL names, or ``None`` when any connection is an error (no redis
+    scheme, no host where one was written). ``redis://`` alone means the local default."""
+    try:
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("redis", "rediss"):
+            return None
+        if not parts.netloc:
+            bare = parts.path.strip("/")
+            return (
+                {("127.0.0.1", 6379), ("localhost", 6379)} if bare.isdigit() or not bare else None
+            )
+        port = parts.port or 6379
+    except ValueError:
+        return None
+    host = parts.hostname or "127.0.0.1"
+    return {(host, port)} | ({("127.0.0.1", port)} if host == "localhost" else set())
+
+
+async def check_url(src: Source, loop: JailLoop) -> None:
+    """``EngineSettings(url=...)`` and ``open()`` on a loop that connects nowhere: a clear
+    error without the password (nor in ``repr(settings)``), and no connection to a server
+    the URL does not name."""
+    from ._engine import SessionEngine  # noqa: PLC0415
+
+    url, password = gen_url(src)
+    secrets = [password, unquote(password)]
+    inputs: dict[str, Any] = {"url": url}
+    try:
+        settings = EngineSettings(url=url, connect_timeout=0.05, command_timeout=0.05)
+    except ValidationError as exc:
+        if leaked(exc, secrets) is not None:
+            raise broken("url", "ValidationError shows the password", **inputs) from None
+        return
+    for text in (repr(settings), str(settings)):
+        if any(len(s) >= 12 and s in text for s in secrets):
+            raise broken("url", "repr(settings) shows the password", **inputs)
+    loop.attempts.clear()
+    engine = SessionEngine(settings)
+    try:
+        await engine.open()
+    except Exception as exc:
+        if _unexpected(exc):
+            raise broken("url", f"open() raised {show(exc)}", **inputs) from exc
+        if leaked(exc, secrets) is not None:
+            raise broken("url", "open()'s error shows the password", error=exc, **inputs) from None
+    else:
+        raise broken("url", "open() succeeded with every connection refused", **inputs)
+    finally:
+        await engine.aclose()
+    named = _named_servers(url) or set()
+    for host, port in loop.attempts:
+        if (host, port) not in named:
+            raise broken(
+                "url",
+                f"open() connected to {host}:{port}, not named by the url",
+                named=named,
+                **inputs,
+            )
+
+
 # -- target: http ----------------------------------------------------------------------
 
 
@@ -1430,6 +1536,7 @@ TARGETS: Final = {
     "token": Target(False, "parse_token and every entry taking a token, any object"),
     "data": Target(False, "create/update arguments: data, ids, state, TTLs, versions"),
     "settings": Target(False, "EngineSettings from kwargs and ENGINE_* variables"),
+    "url": Target(False, "Redis URLs with passwords: EngineSettings(url=...) and open()"),
     "http": Target(False, "engine.fastapi dependencies with any Authorization/Cookie bytes"),
     "ids": Target(True, "user and room ids through every entry, round-tripped (Redis)"),
     "chat": Target(True, "chat_append messages, owned-by-sessions refusals (Redis)"),
@@ -1516,6 +1623,9 @@ def _setup(target: str, url: str | None, prefix: str) -> Callable[[bytes], None]
         return lambda data: run(check_create_args(idle, source(data)))
     if target == "settings":
         return lambda data: check_settings(source(data))
+    if target == "url":
+        jail = JailLoop()
+        return lambda data: jail.run_until_complete(check_url(source(data), jail))
     if target == "http":
         http = HttpApp()
         run(http.start())

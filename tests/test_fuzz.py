@@ -15,7 +15,7 @@ import contextlib
 import math
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -36,6 +36,7 @@ from engine._fuzz import (
     MAX_PAYLOAD,
     TAG_SECRET,
     HttpApp,
+    JailLoop,
     RedisContext,
     check_chat,
     check_create_args,
@@ -43,6 +44,7 @@ from engine._fuzz import (
     check_ids,
     check_settings,
     check_token,
+    check_url,
     engine_fields,
 )
 
@@ -50,6 +52,7 @@ BOUNDED = settings(
     derandomize=True,
     database=None,
     deadline=None,
+    report_multiple_bugs=False,  # shrink one failure, not each: a failing run stays short
     suppress_health_check=[
         HealthCheck.function_scoped_fixture,  # one engine for all examples, emptied after each
         HealthCheck.too_slow,
@@ -101,6 +104,20 @@ async def test_create_and_update_arguments(data: st.DataObject) -> None:
 @given(st.data())
 def test_settings_from_kwargs_and_environment(data: st.DataObject) -> None:
     check_settings(DrawSource(data))
+
+
+@pytest.fixture(scope="module")
+def jail() -> Iterator[JailLoop]:
+    """An event loop that refuses every connection (and records where it was asked to)."""
+    loop = JailLoop()
+    yield loop
+    loop.close()
+
+
+@settings(BOUNDED, max_examples=200)
+@given(st.data())
+def test_urls_with_passwords(jail: JailLoop, data: st.DataObject) -> None:
+    jail.run_until_complete(check_url(DrawSource(data), jail))
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +332,33 @@ def test_fuzz_command_runs_a_pure_target() -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fuzz token: ok" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "url", ["127.0.0.1:7000", ":hunter2hunter2@127.0.0.1:7000", "redis:/127.0.0.1:7000"]
+)
+def test_url_without_a_host_never_reaches_another_server(jail: JailLoop, url: str) -> None:
+    """A typo in ENGINE_URL is refused; it must not silently mean 127.0.0.1:6379."""
+    jail.attempts.clear()
+    engine = SessionEngine(EngineSettings(url=url))
+    with pytest.raises(EngineError):
+        jail.run_until_complete(engine.open())
+    jail.run_until_complete(engine.aclose())
+    assert jail.attempts == []
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:hunter2hunter2@[::1:7000", "redis://:hunter2hunter2[@[::1]:7000"]
+)
+def test_malformed_url_is_an_engine_error(jail: JailLoop, url: str) -> None:
+    engine = SessionEngine(EngineSettings(url=url))
+    with pytest.raises(InvalidArgument) as info:
+        jail.run_until_complete(engine.open())
+    jail.run_until_complete(engine.aclose())
+    assert "hunter2hunter2" not in str(info.value)
+
+
+def test_settings_repr_hides_an_unencoded_password() -> None:
+    """'#' in a password the user forgot to percent-encode ends the URL's netloc."""
+    settings = EngineSettings(url="redis://admin:hunter2#hunter2@127.0.0.1:7000")
+    assert "hunter2#hunter2" not in repr(settings)
