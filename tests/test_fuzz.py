@@ -165,7 +165,7 @@ async def ctx(cluster_url: str, prefix: str) -> AsyncIterator[RedisContext]:
 @settings(BOUNDED, max_examples=60)
 @given(st.data())
 async def test_token_entries_on_the_cluster(ctx: RedisContext, data: st.DataObject) -> None:
-    await check_token(ctx.engine, DrawSource(data), live=True, keys=ctx.keys)
+    await check_token(ctx.engine, DrawSource(data), live=True, keys=ctx.keys, clear=ctx.clear)
 
 
 @pytest.mark.cluster

@@ -80,6 +80,7 @@ class BytesSource:
 
 
 def pick(src: Source, options: Sequence[Any]) -> Any:
+    """One of ``options``, chosen by the source."""
     return options[src.integer(0, len(options) - 1)]
 
 
@@ -177,8 +178,10 @@ def _json_kind(value: object, depth: int = 0) -> bool | None:
         return True if -(2**63) <= value < 2**64 else None
     if type(value) is float:
         return math.isfinite(value)
-    if isinstance(value, list | tuple) and type(value) in (list, tuple):
-        return all_kinds(_json_kind(v, depth + 1) for v in value)
+    if isinstance(value, list | tuple):
+        inner = all_kinds(_json_kind(v, depth + 1) for v in value)
+        # orjson writes list subclasses but not tuple ones (named tuples): either way
+        return inner if type(value) in (list, tuple) or inner is False else None
     if isinstance(value, dict):
         kinds = [_json_kind(v, depth + 1) for v in value.values()]
         for key in value:
@@ -290,39 +293,40 @@ def expect(
     target: str,
     what: str,
     ok: bool | None,
-    outcome: BaseException | None,
+    error: BaseException | None,
     *,
     too_large: bool = False,
     secrets: Sequence[object] = (),
     live: bool = False,
     **inputs: Any,
 ) -> bool:
-    """Hold an outcome (``None``: returned normally) to a verdict; True when accepted.
+    """Hold a call's error (``None``: it returned normally) to a verdict; True when accepted.
 
     Refusals must be ``InvalidArgument`` (``PayloadTooLarge`` when only the size is wrong);
     anything not an ``EngineError`` breaks the invariant whatever the verdict. ``live``:
     the engine is open, so an accepted call must return normally (otherwise it must get
     as far as I/O, which an engine that is not open refuses with a plain EngineError).
     """
-    if outcome is not None:
-        if unexpected(outcome):
-            raise broken(target, f"{what} raised {show(outcome)}", **inputs) from outcome
-        if (secret := leaked(outcome, secrets)) is not None:
+    if error is not None:
+        if unexpected(error):
+            raise broken(target, f"{what} raised {show(error)}", **inputs) from error
+        if (secret := leaked(error, secrets)) is not None:
             raise broken(target, f"{what}: a secret is in the error text", secret=secret, **inputs)
-    refused = isinstance(outcome, InvalidArgument)
+    refused = isinstance(error, InvalidArgument)
     if ok is True and refused:
-        raise broken(target, f"{what} refused valid arguments: {show(outcome)}", **inputs)
+        raise broken(target, f"{what} refused valid arguments: {show(error)}", **inputs)
     if ok is False and not refused:
-        answer = "accepted them" if outcome is None else f"raised {show(outcome)}"
+        answer = "accepted them" if error is None else f"raised {show(error)}"
         raise broken(target, f"{what} {answer} instead of refusing", **inputs)
-    if ok is False and too_large and not isinstance(outcome, PayloadTooLarge):
-        raise broken(target, f"{what} raised {show(outcome)}, not PayloadTooLarge", **inputs)
-    if outcome is not None and not refused and (live or not reached_io(outcome)):
-        raise broken(target, f"{what}: unexpected {show(outcome)}", **inputs)
+    if ok is False and too_large and not isinstance(error, PayloadTooLarge):
+        raise broken(target, f"{what} raised {show(error)}, not PayloadTooLarge", **inputs)
+    if error is not None and not refused and (live or not reached_io(error)):
+        raise broken(target, f"{what}: unexpected {show(error)}", **inputs)
     return not refused
 
 
 async def outcome(call: Awaitable[Any]) -> tuple[Any, BaseException | None]:
+    """``(result, None)`` or ``(None, error)``: every exception is data to be judged."""
     try:
         return await call, None
     except Exception as exc:

@@ -15,8 +15,6 @@ from .._models import SessionState
 from .._settings import MAX_TTL, EngineSettings
 from ._core import ALPHABET, MAX_ID_BYTES, PASSWORD, TOKEN_LEN, Source, b64, pick
 
-# -- generators ------------------------------------------------------------------------
-
 
 class _StrToken(str):
     """A str subclass: the parser may refuse it (it is not what ``new_token`` returns)."""

@@ -13,9 +13,8 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import ValidationError
 
-from .._errors import (
-    SessionNotFound,
-)
+from .._engine import SessionEngine
+from .._errors import SessionNotFound
 from .._models import SessionState
 from .._settings import MAX_TTL, EngineSettings
 from .._tokens import parse_token
@@ -78,12 +77,14 @@ async def check_token(
     *,
     live: bool,
     keys: Callable[[], Awaitable[list[bytes]]] | None = None,
+    clear: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Every entry that takes a token, with anything as the token.
 
     ``live``: ``engine`` is open (no session has these random tokens, so: None, False,
-    SessionNotFound, and no key written). Otherwise the engine is not open: a token that
-    does not parse gets the same answers, one that does reaches I/O (the "not open" error).
+    SessionNotFound, and no key written; then a near miss of a live session's token does
+    not validate). Otherwise the engine is not open: a token that does not parse gets the
+    same answers, one that does reaches I/O (the "not open" error).
     """
     token = gen_token(src)
     other = gen_token(src)
@@ -131,6 +132,45 @@ async def check_token(
     judge("revoke_user(except_token)", r, e, 0, True)
     if keys is not None and (found := await keys()):
         raise broken("token", "a token call wrote keys", token=token, keys=found[:5])
+    if live and clear is not None:
+        try:
+            await _check_near_miss(engine, src)
+        finally:
+            await clear()
+
+
+async def _check_near_miss(engine: Any, src: Source) -> None:
+    """A token one edit away from a live session's validates to nothing."""
+    new = await engine.create(user_id="fuzz-near", data={"n": 1})
+    real = new.token
+    pos = src.integer(0, len(real) - 1)
+    ch = pick(src, ["A", "a", "-", "_", ".", "Q", "g", "w", " ", "é"])
+    variant = pick(
+        src,
+        [
+            real[:pos] + ch + real[pos + 1 :],
+            real.swapcase(),
+            real + pick(src, [" ", "\n", "\x00", "A"]),
+            real[:-1],
+            real.encode(),
+            real.replace(".", "", 1),
+        ],
+    )
+    found = await engine.validate(variant)
+    if variant == real and type(variant) is str:
+        if found is None or found.session_id != new.session.session_id:
+            raise broken("token", "a live token did not validate", token=real)
+    elif found is not None:
+        raise broken("token", "a near miss of a live token validated", token=real, variant=variant)
+    many = await engine.validate_many([variant, real])
+    if many[1] is None or (many[0] is not None and variant != real):
+        raise broken(
+            "token",
+            "validate_many mixed up a live token and its near miss",
+            token=real,
+            variant=variant,
+            got=many,
+        )
 
 
 # -- target: data (create/update arguments, no Redis) ------------------------------------
@@ -448,14 +488,12 @@ def _env_safe(text: str) -> str | None:
 def check_settings(src: Source) -> None:
     """``EngineSettings`` from keyword arguments or ``ENGINE_*`` variables, and the engine
     built from them: a ``ValidationError`` or settings within the documented bounds."""
-    from .._engine import SessionEngine  # noqa: PLC0415 (it imports this module's peers)
-
     values: dict[str, Any] = dict(gen_secrets(src))
     for _ in range(src.integer(0, 5)):
         name = pick(src, SETTING_FIELDS) if src.integer(0, 7) else src.text(10)
         values[name] = gen_setting_value(src)
     secrets = _settings_secrets(values)
-    from_env = bool(src.integer(0, 2) == 0)
+    from_env = src.integer(0, 2) == 0
     env: dict[str, str] = {}
     if from_env:
         for name, value in values.items():
@@ -491,11 +529,9 @@ def check_settings(src: Source) -> None:
     # lets a setting exhaust memory before the engine even opens.
     if getattr(settings, "latency_window", 0) > 10_000_000:
         raise broken("settings", f"accepted latency_window={settings.latency_window}", **inputs)
-    # SecretStr fields stay hidden (the url is a plain field: its password shows).
-    hidden = [settings.password, settings.tag_secret]
-    plain = [s.get_secret_value() for s in hidden if s is not None]
+    # Secrets stay out of the repr: SecretStr fields, and the url's password (redacted).
     for text in (repr(settings), str(settings)):
-        if any(len(s) >= 12 and s in text for s in plain):
+        if any(len(s) >= 12 and s in text for s in secrets):
             raise broken("settings", "repr(settings) shows a secret", **inputs)
     try:
         if from_env:
@@ -560,8 +596,6 @@ async def check_url(src: Source, loop: JailLoop) -> None:
     """``EngineSettings(url=...)`` and ``open()`` on a loop that connects nowhere: a clear
     error without the password (nor in ``repr(settings)``), and no connection to a server
     the URL does not name."""
-    from .._engine import SessionEngine  # noqa: PLC0415
-
     url, password = gen_url(src)
     secrets = [password, unquote(password)]
     inputs: dict[str, Any] = {"url": url}
