@@ -153,7 +153,7 @@ Example (a complete app; run ``ENGINE_URL=redis://127.0.0.1:7000 uvicorn example
 # runtime (the signature of each dependency's __call__ is what it solves).
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
@@ -745,7 +745,8 @@ def _unavailable() -> HTTPException:
     )
 
 
-ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
+ExceptionHandler = Callable[[Request, Any], Coroutine[Any, Any, Response]]
+"""The type ``FastAPI(exception_handlers=...)`` takes for each handler."""
 
 
 def engine_error_response(
@@ -819,7 +820,7 @@ async def _request_validation_error(request: Request, exc: Exception) -> Respons
 
 def engine_error_handlers(
     *, session_not_found: NotFoundStatus = 401, realm: str = "api"
-) -> dict[Any, ExceptionHandler]:
+) -> dict[int | type[Exception], ExceptionHandler]:
     """Exception handlers for ``FastAPI(exception_handlers=...)``: every engine error.
 
     Also FastAPI's request validation errors (422), answered like FastAPI does but with

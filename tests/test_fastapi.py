@@ -341,12 +341,12 @@ def test_request_path_has_one_async_dependency_and_no_sync_one() -> None:
     # require_user beside require_session: two dependencies, still one validation (below).
     assert len(_dependencies(routes["/alice"].dependant)) == 2
     ref = create_app(EngineSettings(url="redis://127.0.0.1:1"))
-    for route in ref.routes:
-        if isinstance(route, APIRoute):
-            for call in [route.dependant.call, *_dependencies(route.dependant)]:
-                assert _is_async(call), (route.path, call)
-            if route.path == "/me":
-                assert len(_dependencies(route.dependant)) == 1
+    for ref_route in ref.routes:
+        if isinstance(ref_route, APIRoute):
+            for call in [ref_route.dependant.call, *_dependencies(ref_route.dependant)]:
+                assert _is_async(call), (ref_route.path, call)
+            if ref_route.path == "/me":
+                assert len(_dependencies(ref_route.dependant)) == 1
 
 
 def _evalsha_calls(url: str) -> int:

@@ -24,6 +24,7 @@ import pytest
 import requests
 import schemathesis
 import uvicorn
+from fastapi import FastAPI
 from helpers import delete_prefix
 from hypothesis import HealthCheck, Phase, given
 from hypothesis import strategies as st
@@ -57,11 +58,13 @@ def widen(value: Any, char: str) -> Any:
     return value
 
 
-def cases(operation: schemathesis.APIOperation, mode: schemathesis.GenerationMode) -> Any:
+def cases(
+    operation: schemathesis.APIOperation[Any, Any, Any, Any], mode: schemathesis.GenerationMode
+) -> Any:
     """Schemathesis' cases, a quarter of them with body and path strings widened."""
 
     @st.composite
-    def draw(draw: st.DrawFn) -> schemathesis.Case:
+    def draw(draw: st.DrawFn) -> schemathesis.Case[Any]:
         case = draw(operation.as_strategy(generation_mode=mode))
         char = draw(st.sampled_from((None, None, None, *WIDE)))
         if char is not None:
@@ -88,7 +91,7 @@ def utf8_size(*values: object) -> int:
 
 
 @contextmanager
-def uvicorn_in_thread(app: object) -> Iterator[str]:
+def uvicorn_in_thread(app: FastAPI) -> Iterator[str]:
     """Serve ``app`` on a free loopback port, lifespan included; yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -119,7 +122,7 @@ def test_reference_service_never_answers_5xx(cluster_url: str, prefix: str) -> N
             requests.Session() as login_http,  # its cookie jar stays out of the probes
         ):
             schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
-            operations = [result.ok() for result in schema.get_all_operations()]
+            operations = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
             assert len(operations) >= 9, [op.label for op in operations]
             logins = iter(range(10**9))
 
@@ -144,7 +147,7 @@ def test_reference_service_never_answers_5xx(cluster_url: str, prefix: str) -> N
                         suppress_health_check=list(HealthCheck),
                     )
                     @given(case=cases(operation, mode), auth=st.booleans())
-                    def probe(case: schemathesis.Case, auth: bool) -> None:
+                    def probe(case: schemathesis.Case[Any], auth: bool) -> None:
                         # Steer generation towards inputs that are long in UTF-8: where a limit
                         # counted in characters and one counted in bytes disagree.
                         hypothesis.target(float(utf8_size(case.body, case.path_parameters)))
