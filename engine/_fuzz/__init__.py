@@ -23,7 +23,8 @@ http       no      ``engine.fastapi``'s ``require_session``/``optional_session``
                    ``current_token``/``require_user`` behind a tiny app, with any
                    ``Authorization``/``Cookie`` bytes and a stub engine
 ids        yes     user and room ids through create, rotate, list, revoke_user and chat,
-                   round-tripped; a refusal leaves no key under the prefix
+                   and session data through create/update, round-tripped; a refusal
+                   leaves no key under the prefix (and a refused update changes nothing)
 chat       yes     ``chat_append`` messages (and ``chat_owned_by_sessions``), read back
                    with ``chat_history``; a refusal leaves no key under the prefix
 =========  ======  ==================================================================
@@ -36,7 +37,8 @@ its time without breaking an invariant, 1 otherwise (the input is printed and wr
 the artifacts directory; ``--reproduce FILE`` runs it again).
 
 The generators and checks are also driven by Hypothesis in ``tests/test_fuzz.py`` through
-the same ``Source`` interface, so both fuzzers test the same invariants.
+the same ``Source`` interface, so both fuzzers test the same invariants (there the token
+checks also run on the cluster: near misses of a live token never validate).
 
 Modules: ``_core`` (sources, reference verdicts, ``expect``), ``_gen`` (generators),
 ``_targets`` and ``_http`` (one ``check_*`` per target), ``_cli`` (the command).

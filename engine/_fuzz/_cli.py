@@ -47,8 +47,8 @@ TARGETS: Final = {
     "settings": Target(False, "EngineSettings from kwargs and ENGINE_* variables"),
     "url": Target(False, "Redis URLs with passwords: EngineSettings(url=...) and open()"),
     "http": Target(False, "engine.fastapi dependencies with any Authorization/Cookie bytes"),
-    "ids": Target(True, "user and room ids through every entry, round-tripped (Redis)"),
-    "chat": Target(True, "chat_append messages, owned-by-sessions refusals (Redis)"),
+    "ids": Target(True, "user/room ids and session data through every entry, round-tripped"),
+    "chat": Target(True, "chat_append messages, owned-by-sessions refusals"),
 }
 
 # The child process: instrument the engine's modules (not this one) before importing them.
@@ -201,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--artifacts", help="where failing inputs are written (default: a temporary directory)"
     )
     parser.add_argument("--reproduce", metavar="FILE", help="run one saved input and stop")
+    parser.add_argument("--seed", type=int, help="libFuzzer's random seed (default: random)")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("atheris") is None:
         print("atheris is not installed: pip install 'redis-session-engine[dev]'", file=sys.stderr)
@@ -209,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     artifacts = args.artifacts or tempfile.mkdtemp(prefix="engine-fuzz-")
     os.makedirs(artifacts, exist_ok=True)
     libfuzzer = [f"-artifact_prefix={os.path.join(artifacts, '')}", "-timeout=60"]
+    if args.seed is not None:
+        libfuzzer.append(f"-seed={args.seed}")
     if args.reproduce:
         libfuzzer.append(args.reproduce)
     elif args.runs is not None:
