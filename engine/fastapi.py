@@ -88,7 +88,8 @@ Cost per request. Each dependency above is ONE async callable of the request (no
 sub-dependency for FastAPI to solve, no thread-pool hop, the engine taken from
 ``request.app.state``): it reads the token once and validates it with one EVALSHA.
 ``require_session``, ``optional_session`` and ``require_user`` of one ``SessionAuth`` share
-that validation within a request. In OpenAPI each shows as the ``HTTPBearer`` scheme;
+that validation within a request, and so does ``require_state`` when its states include
+``ACTIVE``. In OpenAPI each shows as the ``HTTPBearer`` scheme;
 ``engine_lifespan`` adds the cookie scheme (``APIKeyCookie``) to the same operations at
 startup, or ``document_cookie_auth(app)`` when the schema is built without starting the
 app (a second security object per route would cost a second dependency per request).
@@ -220,6 +221,7 @@ SameSite = Literal["lax", "strict", "none"]
 NotFoundStatus = Literal[401, 404]
 
 _SAFE_METHODS: Final = frozenset(("GET", "HEAD", "OPTIONS", "TRACE"))
+_ACTIVE: Final = SessionState.ACTIVE
 
 
 def default_cookie_name(secure: bool) -> str:
@@ -651,6 +653,10 @@ class _RequireState(_AuthDependency):
 
     async def __call__(self, request: Request) -> Session:
         auth = self.auth
+        scope = request.scope
+        memo: tuple[str | None, Session | None] | None = scope.get(auth._memo_key)
+        if memo is not None and memo[1] is not None and _ACTIVE in self.states:
+            return memo[1]  # require_session of the same request found it ACTIVE
         token = auth._token(request)
         if token is None:
             raise auth._unauthorized(False)
@@ -660,6 +666,10 @@ class _RequireState(_AuthDependency):
             other = None if session is not None else await engine.get(token)
         except EngineUnavailable as exc:
             raise _unavailable() from exc
+        if memo is None and (session is not None or _ACTIVE in self.states):
+            # What require_session would find: the session if it is ACTIVE, else none.
+            active = session if session is not None and session.state is _ACTIVE else None
+            scope[auth._memo_key] = token, active
         if session is not None:
             return session
         if other is None:

@@ -70,6 +70,15 @@ def build_app(settings: EngineSettings) -> FastAPI:
     ) -> dict[str, Any]:
         return {"user": session.user_id, "same": again is session}
 
+    @app.get("/active-or-locked")
+    async def active_or_locked(
+        session: Annotated[
+            Session, Depends(require_state(SessionState.ACTIVE, SessionState.LOCKED))
+        ],
+        again: Annotated[Session | None, Depends(optional_session)],
+    ) -> dict[str, Any]:
+        return {"state": session.state.value, "active": again is not None}
+
     @app.get("/admin")
     async def admin(
         session: Annotated[Session, Depends(require_user(lambda s: s.data.get("admin") is True))],
@@ -202,6 +211,14 @@ async def test_require_user_validates_once(api: tuple[httpx.AsyncClient, Session
     assert (await engine.stats()).validations == before + 1
     r = await client.get("/alice", headers=bearer(bob))
     assert r.status_code == 403
+    # require_state with ACTIVE among its states shares the validation too.
+    before = (await engine.stats()).validations
+    r = await client.get("/active-or-locked", headers=bearer(alice))
+    assert r.json() == {"state": "active", "active": True}
+    assert (await engine.stats()).validations == before + 1
+    locked = (await engine.create(user_id="lou", state=SessionState.LOCKED)).token
+    r = await client.get("/active-or-locked", headers=bearer(locked))
+    assert r.json() == {"state": "locked", "active": False}  # not ACTIVE: no session
     assert (await client.get("/alice")).status_code == 401
     assert (await client.get("/admin", headers=bearer(alice))).status_code == 200
     assert (await client.get("/admin", headers=bearer(bob))).status_code == 403
