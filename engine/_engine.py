@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
-import math
 import ssl
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -345,10 +344,11 @@ class SessionEngine:
     def _ttl_ms(self, value: float | None, default: int, what: str) -> int:
         if value is None:
             return default
+        # The range check comes first: it also refuses NaN, and math.isfinite would raise
+        # OverflowError on an int too large for a float.
         if (
             not isinstance(value, int | float)
             or isinstance(value, bool)
-            or not math.isfinite(value)
             or not MIN_TTL <= value <= MAX_TTL
         ):
             raise InvalidArgument(
@@ -422,12 +422,17 @@ class SessionEngine:
     def _states(self, states: Collection[SessionState] | None) -> bytes:
         if states is None:
             return self._states_cache[_DEFAULT_STATES]
-        key = frozenset(states)
+        try:
+            key = frozenset(states)
+        except TypeError:  # not iterable, or holding something unhashable
+            raise InvalidArgument("states must be a collection of SessionState") from None
         arg = self._states_cache.get(key)
         if arg is None:
             if not key:
                 raise InvalidArgument("states must not be empty")
-            arg = self._states_cache[key] = _states_arg(key)
+            arg = _states_arg(key)
+            if len(self._states_cache) < 16:  # there are only 7 non-empty sets of 3 states
+                self._states_cache[key] = arg
         return arg
 
     # -- sessions ---------------------------------------------------------------------

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Literal, NamedTuple
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["MAX_TTL", "MIN_TTL", "EngineSettings", "redact_url"]
+__all__ = ["MAX_TTL", "MIN_TTL", "EngineSettings", "RedisURL", "parse_url", "redact_url"]
 
 MAX_TTL = 10 * 365 * 86400.0
 """Ten years, in seconds: the longest idle or absolute TTL a session can have."""
@@ -21,19 +21,63 @@ MIN_TIMEOUT = 0.001
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for reprs, logs and error texts)."""
+    """``url`` with everything between ``://`` and the last ``@`` but the user name
+    replaced by ``***`` (for reprs, logs and error texts).
+
+    Deliberately cruder than a URL parser: a password may hold an unencoded ``#``, ``?``
+    or ``/`` that a parser would take for the start of a fragment, query or path, and
+    show. Over-redacting an odd URL costs nothing; showing a password does.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0] if ":" in credentials else ""
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+class RedisURL(NamedTuple):
+    """The parts of a ``redis://`` / ``rediss://`` URL the engine uses."""
+
+    tls: bool
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    db: int
+
+
+def parse_url(url: str) -> RedisURL:
+    """Parse a Redis URL strictly: ``redis[s]://[user[:password]@]host[:port][/db]``.
+
+    No part is guessed: a URL without a scheme or a host is refused rather than read as
+    127.0.0.1:6379 (which would send the engine to whatever listens there).
+
+    Raises:
+        ValueError: with a message that never contains the password.
+    """
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
+        host, port = parts.hostname, parts.port
     except ValueError:
-        return "<unparsable url>"
+        raise ValueError(f"not a valid Redis URL: {redact_url(url)!r}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("the URL must start with redis:// or rediss://")
+    if not host:
+        raise ValueError("the URL names no host")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError("the URL's path must be a database number")
+    return RedisURL(
+        tls=parts.scheme == "rediss",
+        host=host,
+        port=port or 6379,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        db=int(path or 0),
+    )
 
 
 class EngineSettings(BaseSettings):
@@ -160,10 +204,18 @@ class EngineSettings(BaseSettings):
         ge=0,
         description="Tokens whose slot and key are memoised (parsing + SHA-256 skipped).",
     )
-    latency_window: int = Field(default=10_000, ge=100, description="Calls kept for p50/p99.")
+    latency_window: int = Field(
+        default=10_000, ge=100, le=1_000_000, description="Calls kept for p50/p99."
+    )
     stats_samples: int = Field(
         default=1024, ge=64, description="RANDOMKEY samples per primary for active_sessions."
     )
+
+    @field_validator("url")
+    @classmethod
+    def _url_parses(cls, url: str) -> str:
+        parse_url(url)
+        return url
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # The URL may carry a password (redis://user:secret@host): never show it.

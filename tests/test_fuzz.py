@@ -47,6 +47,8 @@ from engine._fuzz import (
     check_url,
     engine_fields,
 )
+from engine._settings import redact_url
+from engine._transport import Transport, TransportOptions
 
 BOUNDED = settings(
     derandomize=True,
@@ -337,27 +339,36 @@ def test_fuzz_command_runs_a_pure_target() -> None:
     "url", ["127.0.0.1:7000", ":hunter2hunter2@127.0.0.1:7000", "redis:/127.0.0.1:7000"]
 )
 def test_url_without_a_host_never_reaches_another_server(jail: JailLoop, url: str) -> None:
-    """A typo in ENGINE_URL is refused; it must not silently mean 127.0.0.1:6379."""
+    """A typo in ENGINE_URL is refused (by the settings, before anything connects); it
+    must not silently mean 127.0.0.1:6379."""
     jail.attempts.clear()
-    engine = SessionEngine(EngineSettings(url=url))
-    with pytest.raises(EngineError):
-        jail.run_until_complete(engine.open())
-    jail.run_until_complete(engine.aclose())
+    with pytest.raises(ValidationError) as info:
+        EngineSettings(url=url)
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(InvalidArgument):  # the transport refuses it too, given directly
+        Transport(TransportOptions(url=url))
     assert jail.attempts == []
 
 
 @pytest.mark.parametrize(
     "url", ["redis://:hunter2hunter2@[::1:7000", "redis://:hunter2hunter2[@[::1]:7000"]
 )
-def test_malformed_url_is_an_engine_error(jail: JailLoop, url: str) -> None:
-    engine = SessionEngine(EngineSettings(url=url))
-    with pytest.raises(InvalidArgument) as info:
-        jail.run_until_complete(engine.open())
-    jail.run_until_complete(engine.aclose())
+def test_malformed_url_is_a_clear_error(jail: JailLoop, url: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        EngineSettings(url=url)
     assert "hunter2hunter2" not in str(info.value)
+    with pytest.raises(InvalidArgument) as refused:
+        Transport(TransportOptions(url=url))
+    assert "hunter2hunter2" not in str(refused.value)
 
 
 def test_settings_repr_hides_an_unencoded_password() -> None:
-    """'#' in a password the user forgot to percent-encode ends the URL's netloc."""
-    settings = EngineSettings(url="redis://admin:hunter2#hunter2@127.0.0.1:7000")
-    assert "hunter2#hunter2" not in repr(settings)
+    """'#' in a password the user forgot to percent-encode ends the URL's netloc for a URL
+    parser; the redaction must not rely on one, and the refusal must not echo it."""
+    url = "redis://admin:hunter2#hunter2@127.0.0.1:7000"
+    assert "hunter2" not in redact_url(url)
+    with pytest.raises(ValidationError) as info:
+        EngineSettings(url=url)
+    assert "hunter2" not in str(info.value)
+    for odd in ("redis://u:a/b?c#d@h:1", "redis://:p@ss@h:1"):
+        assert "p@ss" not in redact_url(odd) and "a/b?c#d" not in redact_url(odd)

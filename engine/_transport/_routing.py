@@ -14,7 +14,6 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import unquote, urlparse
 
 from .._errors import (
     EngineError,
@@ -27,7 +26,7 @@ from .._errors import (
 from .._keys import SLOTS
 from .._lifecycle import State
 from .._scripts import Script
-from .._settings import redact_url
+from .._settings import parse_url, redact_url
 from ._connection import CallFailed, Reply, Sink, pack
 from ._node import Node
 
@@ -98,6 +97,10 @@ class Transport:
     """
 
     def __init__(self, options: TransportOptions) -> None:
+        try:
+            seed = parse_url(options.url)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
         self.options = options
         self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
         self.cluster = False
@@ -113,24 +116,17 @@ class Transport:
         self._scripts: dict[bytes, Script] = {}
         self.refreshes = 0  # topology refreshes done (tests check bursts cause few)
         self.redirects = {"MOVED": 0, "ASK": 0}
-        seed = urlparse(options.url)
-        if seed.scheme not in ("redis", "rediss", ""):
-            raise InvalidArgument(f"unsupported URL scheme {seed.scheme!r}: redis:// or rediss://")
         self.ssl = options.ssl
-        if seed.scheme == "rediss" and self.ssl is None:
+        if seed.tls and self.ssl is None:
             self.ssl = ssl.create_default_context()  # verify against the system's CAs
-        try:
-            port = seed.port
-        except ValueError as exc:
-            raise InvalidArgument("the url has an invalid port") from exc
-        self._seed = (seed.hostname or "127.0.0.1", port or 6379)
-        username = options.username or (unquote(seed.username) if seed.username else None)
-        password = options.password or (unquote(seed.password) if seed.password else None)
+        self._seed = (seed.host, seed.port)
+        username = options.username or seed.username
+        password = options.password or seed.password
         self.handshake: list[bytes] = []
         if password:
             auth = ("AUTH", username, password) if username else ("AUTH", password)
             self.handshake.append(pack(auth))
-        self._db = int(seed.path.strip("/") or 0) if seed.path.strip("/").isdigit() else 0
+        self._db = seed.db
         self.handshake.append(pack(("PING",)))
 
     # -- life cycle -------------------------------------------------------------------
