@@ -143,25 +143,24 @@ class Connection(asyncio.Protocol):
     # -- sending ----------------------------------------------------------------------
 
     def send(self, packed: bytes, deadline: float) -> asyncio.Future[Any]:
-        """Queue one command; the returned future gets the reply (errors as values)."""
+        """Queue one command; the returned future gets the reply (errors as values).
+
+        On an idle connection (nothing in flight, nothing queued) the command is written
+        at once: a lone request waits for nothing but the network. Otherwise it joins the
+        loop tick's single write (implicit pipelining).
+        """
         fut: asyncio.Future[Any] = self.loop.create_future()
-        self.pending.append((fut, deadline))
-        self.min_deadline = min(self.min_deadline, deadline)
-        self._wbuf.append(packed)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+        if not self.pending and not self._wbuf and self.alive and self._transport is not None:
+            self.pending.append((fut, deadline))
+            self.min_deadline = min(self.min_deadline, deadline)
+            self._transport.write(packed)
+            return fut
+        self._queue(fut, packed, deadline)
         return fut
 
     def send_to(self, sink: Sink, packed: bytes, deadline: float) -> None:
         """Queue one command of a bulk round; its reply goes to ``sink``."""
-        self.pending.append((sink, deadline))
-        if deadline < self.min_deadline:  # noqa: PLR1730 - cheaper than min() per command
-            self.min_deadline = deadline
-        self._wbuf.append(packed)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+        self._queue(sink, packed, deadline)
 
     def send_durable(
         self, packed: bytes, deadline: float, wait: bytes
@@ -176,7 +175,8 @@ class Connection(asyncio.Protocol):
         the writes do not queue up one ``wait_timeout`` each behind each other: a write
         waits for at most the WAIT in flight plus its own.
         """
-        fut = self.send(packed, deadline)
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        self._queue(fut, packed, deadline)
         if self._wait_fut is None:
             self._wait_fut = self.loop.create_future()
             self._wait_cmd = wait
@@ -187,7 +187,13 @@ class Connection(asyncio.Protocol):
 
     def send_discard(self, packed: bytes, deadline: float) -> None:
         """Queue a command whose reply nobody needs (ASKING)."""
-        self.pending.append((None, deadline))
+        self._queue(None, packed, deadline)
+
+    def _queue(self, target: asyncio.Future[Any] | Sink | None, packed: bytes, at: float) -> None:
+        """Add a command to this tick's write; the first one schedules the flush."""
+        self.pending.append((target, at))
+        if at < self.min_deadline:  # noqa: PLR1730 - cheaper than min() per command
+            self.min_deadline = at
         self._wbuf.append(packed)
         if not self._flush_scheduled:
             self._flush_scheduled = True
