@@ -11,7 +11,7 @@ from collections.abc import Sequence
 _COMMANDS = {
     "demo": ("engine._demo", "the engine on a local six-node cluster, in about a minute"),
     "bench": ("engine._bench", "throughput/latency against redis-py and redis-benchmark"),
-    "cluster": ("engine.cluster", "up|down|status: a local cluster in the background"),
+    "cluster": ("engine.cli.cluster", "up|down|status: a local cluster in the background"),
     "loadtest": ("engine._loadtest", "reference FastAPI service under headless Locust"),
     "drill": ("engine._drill", "SCENARIO: a failover drill under load (kill-primary, ...)"),
     "fuzz": ("engine._fuzz", "TARGET: coverage-guided fuzzing of the public entries (atheris)"),

@@ -454,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.url:
         result = run(_bench(args, args.url))
     else:
-        from .cluster import LocalCluster  # noqa: PLC0415
+        from .testing import LocalCluster  # noqa: PLC0415
 
         print(f"starting a local cluster ({args.primaries} primaries) ...", file=sys.stderr)
         with LocalCluster(primaries=args.primaries, replicas_per_primary=args.replicas) as cl:

@@ -133,7 +133,7 @@ class _Timeline:
 async def _failover(
     eng: SessionEngine, cl: object, tokens: Sequence[str], progress: Progress, report: Report
 ) -> None:
-    from .cluster import LocalCluster  # noqa: PLC0415 - only when the demo owns a cluster
+    from .testing import LocalCluster  # noqa: PLC0415 - only when the demo owns a cluster
 
     assert isinstance(cl, LocalCluster)
     victim_tag = parse_token(tokens[0])[0]  # type: ignore[index]
@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.url:
         return run(_demo(args, args.url, None))
-    from .cluster import LocalCluster  # noqa: PLC0415
+    from .testing import LocalCluster  # noqa: PLC0415
 
     print("starting a local cluster: 3 primaries + 3 replicas ...", flush=True)
     t0 = time.perf_counter()

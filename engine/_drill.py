@@ -32,11 +32,10 @@ from ._console import Progress, percentile_ms
 from ._engine import SessionEngine
 from ._errors import EngineError, EngineUnavailable, ReplicationIncomplete
 from ._keys import slot_of_tag
-from ._remote import RemoteCluster
 from ._run import run
 from ._settings import EngineSettings
 from ._tokens import parse_token
-from .cluster import ClusterNode, LocalCluster
+from .testing import ClusterNode, LocalCluster, RemoteCluster
 
 Cluster = LocalCluster | RemoteCluster
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cluster import LocalCluster
+from .testing import LocalCluster
 
 __all__ = ["SYSTEMS", "main", "parse_wrk"]
 

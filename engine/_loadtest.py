@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cluster import LocalCluster
+from .testing import LocalCluster
 
 __all__ = ["EndpointStats", "main", "read_stats"]
 
@@ -192,29 +192,12 @@ def _delete_prefix(url: str, prefix: str) -> None:
     """Remove the run's keys from a cluster we did not start (best effort)."""
     import redis  # noqa: PLC0415 - only needed with --url
 
-    seed: redis.Redis = redis.Redis.from_url(url, socket_timeout=5)
+    from .testing import delete_prefix  # noqa: PLC0415
+
     try:
-        try:
-            slots = seed.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
-            nodes = {
-                (str(s[2][0], "utf-8") if isinstance(s[2][0], bytes) else s[2][0], s[2][1])
-                for s in slots
-            }
-            clients = [redis.Redis(host=h, port=int(p), socket_timeout=5) for h, p in nodes]
-        except redis.ResponseError:
-            clients = [seed]
-        for client in clients:
-            batch = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-            # One key per UNLINK: keys of different slots may not share a command.
-            for i in range(0, len(batch), 500):
-                with client.pipeline(transaction=False) as pipe:
-                    for key in batch[i : i + 500]:
-                        pipe.unlink(key)
-                    pipe.execute()
+        delete_prefix(url, prefix)
     except redis.RedisError as exc:
         print(f"warning: could not delete keys under {prefix}: {exc}", file=sys.stderr)
-    finally:
-        seed.close()
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 
-from engine.cluster import LocalCluster
+from engine.testing import LocalCluster
 
 READS = {
     "hash: HMGET 7 fields + PTTL": (

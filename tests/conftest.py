@@ -24,7 +24,7 @@ import pytest
 from helpers import open_engine
 
 from engine import SessionEngine
-from engine.cluster import LocalCluster
+from engine.testing import LocalCluster
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

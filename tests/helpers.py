@@ -11,47 +11,17 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-import redis
-
-from engine import EngineSettings, SessionEngine
-
-
-def primaries(url: str) -> list[redis.Redis]:
-    """A client per primary (one for a plain server)."""
-    seed = redis.Redis.from_url(url, socket_timeout=5)
-    try:
-        slots = seed.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
-    except redis.ResponseError:
-        return [seed]
-    seed.close()
-    seen = {
-        (s[2][0].decode() if isinstance(s[2][0], bytes) else s[2][0], int(s[2][1])) for s in slots
-    }
-    return [redis.Redis(host=h, port=p, socket_timeout=5) for h, p in sorted(seen)]
+from engine import EngineSettings, SessionEngine, testing
 
 
 def delete_prefix(url: str, prefix: str) -> int:
     """Delete every key under ``prefix`` on every primary; returns how many."""
-    deleted = 0
-    for client in primaries(url):
-        with client:
-            batch = []
-            for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-                batch.append(key)
-                if len(batch) >= 500:
-                    deleted += sum(client.unlink(k) for k in batch)
-                    batch.clear()
-            deleted += sum(client.unlink(k) for k in batch)
-    return deleted
+    return testing.delete_prefix(url, prefix)
 
 
 def all_keys(url: str, prefix: str) -> list[bytes]:
     """Every key under ``prefix`` on every primary (for assertions)."""
-    keys: list[bytes] = []
-    for client in primaries(url):
-        with client:
-            keys.extend(client.scan_iter(match=f"{prefix}:*", count=1000))
-    return keys
+    return testing.keys_under(url, prefix)
 
 
 def all_values(url: str, prefix: str) -> list[bytes]:
@@ -61,7 +31,7 @@ def all_values(url: str, prefix: str) -> list[bytes]:
     def add(*items: object) -> None:
         out.extend(i if isinstance(i, bytes) else str(i).encode() for i in items)
 
-    for client in primaries(url):
+    for client in testing.primary_clients(url):
         with client:
             for key in client.scan_iter(match=f"{prefix}:*", count=1000):
                 add(key)

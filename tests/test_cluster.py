@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from engine.cluster import (
+from engine.testing import (
     ClusterNode,
     HarnessError,
     LocalCluster,

@@ -18,7 +18,7 @@ import pytest
 import redis
 import yaml
 
-from engine.cluster import NODE_CONF
+from engine.testing import NODE_CONF
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 COMPOSE = DOCKER / "docker-compose.yml"

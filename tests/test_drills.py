@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from engine._drill import DrillReport, cluster_options, run_drill, write_chart
-from engine.cluster import LocalCluster
+from engine.testing import LocalCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.drill]
 

@@ -14,7 +14,7 @@ import pytest
 
 from engine import EngineSettings, NewSession, ReplicationIncomplete, SessionEngine, SessionState
 from engine._keys import slot_of_tag
-from engine.cluster import ClusterNode, LocalCluster
+from engine.testing import ClusterNode, LocalCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.drill]
 

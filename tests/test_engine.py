@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import all_keys, all_values, primaries
+from helpers import all_keys, all_values
 from pydantic import BaseModel
 
 from engine import (
@@ -24,11 +24,12 @@ from engine import (
     SessionLimitExceeded,
     SessionNotFound,
     SessionState,
+    testing,
 )
 from engine._keys import key_slot
 from engine._models import build_session
 from engine._tokens import parse_token
-from engine.cluster import LocalCluster
+from engine.testing import LocalCluster
 
 pytestmark = pytest.mark.cluster
 
@@ -283,7 +284,7 @@ async def test_anonymous_sessions_spread_over_every_primary(engine: SessionEngin
     eng = engine
     for _ in range(10):
         await asyncio.gather(*(eng.create() for _ in range(1000)))
-    clients = primaries(eng.settings.url)
+    clients = testing.primary_clients(eng.settings.url)
     assert len(clients) == 3
     counts = []
     for client in clients:

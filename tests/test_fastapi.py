@@ -16,7 +16,6 @@ from fastapi.routing import APIRoute
 from helpers import delete_prefix, primaries
 
 from engine import EngineSettings, Session, SessionEngine, SessionState
-from engine.cluster import LocalCluster
 from engine.fastapi import (
     SessionAuth,
     clear_session_cookie,
@@ -30,6 +29,7 @@ from engine.fastapi import (
     require_user,
     set_session_cookie,
 )
+from engine.testing import LocalCluster
 from loadtest.app import create_app
 
 pytestmark = pytest.mark.cluster

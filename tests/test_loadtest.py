@@ -10,7 +10,7 @@ import pytest
 from helpers import all_keys, delete_prefix
 
 from engine import EngineSettings, _loadtest
-from engine.cluster import LocalCluster
+from engine.testing import LocalCluster
 from loadtest.app import create_app
 
 pytestmark = pytest.mark.cluster

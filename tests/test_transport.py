@@ -33,7 +33,7 @@ from engine._keys import slot_of_tag
 from engine._tokens import parse_token
 from engine._transport import pack
 from engine._transport._connection import Connection
-from engine.cluster import ClusterNode, LocalCluster
+from engine.testing import ClusterNode, LocalCluster
 
 pytestmark = pytest.mark.cluster
 

@@ -70,31 +70,6 @@ sys.exit(worker(sys.argv[1:]))
 """
 
 
-def _primaries(url: str) -> list[Any]:
-    import redis  # noqa: PLC0415 (only the Redis targets need it)
-
-    seed = redis.Redis.from_url(url, socket_timeout=5)
-    try:
-        slots: Any = seed.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
-    except redis.ResponseError:
-        return [seed]
-    seed.close()
-    kwargs = seed.connection_pool.connection_kwargs
-    seen = {
-        (s[2][0].decode() if isinstance(s[2][0], bytes) else s[2][0], int(s[2][1])) for s in slots
-    }
-    return [
-        redis.Redis(
-            host=h,
-            port=p,
-            username=kwargs.get("username"),
-            password=kwargs.get("password"),
-            socket_timeout=5,
-        )
-        for h, p in sorted(seen)
-    ]
-
-
 def _scan(clients: list[Any], prefixes: Sequence[str]) -> list[bytes]:
     return [
         key
@@ -106,13 +81,9 @@ def _scan(clients: list[Any], prefixes: Sequence[str]) -> list[bytes]:
 
 def delete_prefixes(url: str, prefixes: Sequence[str]) -> int:
     """Delete every key under the prefixes on every primary; returns how many."""
-    clients = _primaries(url)
-    try:
-        keys = [(c, k) for c in clients for p in prefixes for k in c.scan_iter(match=f"{p}:*")]
-        return sum(int(c.unlink(k)) for c, k in keys)
-    finally:
-        for c in clients:
-            c.close()
+    from ..testing import delete_prefix  # noqa: PLC0415 (only the Redis targets need it)
+
+    return sum(delete_prefix(url, p) for p in prefixes)
 
 
 def _setup(target: str, url: str | None, prefix: str) -> Callable[[bytes], None]:
@@ -150,7 +121,9 @@ def _setup(target: str, url: str | None, prefix: str) -> Callable[[bytes], None]
             EngineSettings(url=url, key_prefix=f"{prefix}o", chat_owned_by_sessions=True, **fields)
         ).open()
     )
-    clients = _primaries(url)
+    from ..testing import primary_clients  # noqa: PLC0415 (only the Redis targets need it)
+
+    clients: list[Any] = primary_clients(url)
     prefixes = (prefix, f"{prefix}o")
 
     async def keys() -> list[bytes]:
@@ -224,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         url = args.url
         if url is None and any(TARGETS[n].redis for n in names):
-            from ..cluster import LocalCluster  # noqa: PLC0415
+            from ..testing import LocalCluster  # noqa: PLC0415
 
             url = stack.enter_context(LocalCluster(primaries=3, replicas_per_primary=0)).url
         for name in names:

@@ -13,11 +13,12 @@ from urllib.parse import urlparse
 
 import redis
 
-from .cluster import ClusterNode, HarnessError, _parse_cluster_nodes
+from ._cluster import ClusterNode
+from ._constants import TOTAL_SLOTS, HarnessError
+from ._keyspace import delete_prefix
+from ._topology import _parse_cluster_nodes
 
 __all__ = ["RemoteCluster"]
-
-_TOTAL_SLOTS = 16384
 
 
 class RemoteCluster:
@@ -115,7 +116,7 @@ class RemoteCluster:
                     with self.client(n.host, n.port) as c:
                         info = str(c.execute_command("CLUSTER", "INFO"))
                     states.append("cluster_state:ok" in info)
-            if covered == _TOTAL_SLOTS and all(states):
+            if covered == TOTAL_SLOTS and all(states):
                 return
             problem = f"{covered} slots covered, {states.count(False)} node(s) not ok"
             time.sleep(0.1)
@@ -123,15 +124,7 @@ class RemoteCluster:
 
     def delete_prefix(self, prefix: str) -> int:
         """UNLINK every key under ``prefix`` on every primary (the drill's own keys)."""
-        deleted = 0
-        for n in self.primaries():
-            with self.client(n.host, n.port) as c:
-                # One key per UNLINK: keys of different slots cannot share a command.
-                pipe = c.pipeline(transaction=False)
-                for key in c.scan_iter(match=f"{prefix}:*", count=1000):
-                    pipe.unlink(key)
-                deleted += sum(int(r) for r in pipe.execute())
-        return deleted
+        return delete_prefix(self.url, prefix)
 
     def _refuse(self, what: str) -> None:
         raise HarnessError(f"{what} needs process control: run the drill on a LocalCluster")

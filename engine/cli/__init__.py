@@ -1,0 +1,1 @@
+"""The tools: ``python -m engine COMMAND`` (demo, bench, drill, loadtest, fuzz, cluster)."""

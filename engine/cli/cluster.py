@@ -1,0 +1,177 @@
+"""``python -m engine cluster up|down|status``: a local cluster in the background."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import redis
+
+from ..testing import (
+    DEFAULT_STATE_FILE,
+    ClusterNode,
+    HarnessError,
+    LocalCluster,
+    RedisServerNotFound,
+)
+from ..testing._cluster import _ping
+from ..testing._topology import _parse_info
+
+__all__ = ["main"]
+
+
+def _format_ranges(ranges: Sequence[tuple[int, int]]) -> str:
+    return ",".join(f"{lo}-{hi}" if hi != lo else str(lo) for lo, hi in ranges) or "-"
+
+
+def _format_table(nodes: Sequence[ClusterNode]) -> str:
+    header = ("ROLE", "PORT", "PID", "ALIVE", "SLOTS", "NODE ID")
+    rows = [header] + [
+        (
+            n.role + (" (paused)" if n.paused else ""),
+            str(n.port),
+            str(n.pid),
+            "yes" if n.alive else "no",
+            _format_ranges(n.slots),
+            n.node_id or "-",
+        )
+        for n in nodes
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def _cluster_state(cl: LocalCluster) -> str:
+    for snap in cl.nodes:
+        if snap.alive and not snap.paused:
+            if not cl.cluster_mode:
+                return "ok (standalone)" if _ping(cl.host, snap.port) else "unreachable"
+            try:
+                info = _parse_info(cl.run(snap.port, "CLUSTER", "INFO"))
+            except (redis.RedisError, OSError):
+                continue
+            return info.get("cluster_state", "unknown")
+    return "down (no live node)"
+
+
+def _cli_up(args: argparse.Namespace) -> int:
+    state_file: Path = args.state_file
+    if state_file.exists():
+        try:
+            old = LocalCluster.from_state_file(state_file)
+        except HarnessError as exc:
+            print(f"error: {exc}; remove it if no cluster is running", file=sys.stderr)
+            return 1
+        if any(old._alive(n) for n in old._nodes):
+            print(
+                f"error: a cluster from {state_file} is still running ({old.url}); "
+                "run `python -m engine cluster down` first",
+                file=sys.stderr,
+            )
+            return 1
+        old.stop()  # all dead already: this only tidies the stale node directories
+        state_file.unlink()
+    cl = LocalCluster(
+        primaries=args.primaries,
+        replicas_per_primary=args.replicas,
+        startup_timeout=args.timeout,
+        die_with_parent=False,
+    )
+    started = time.monotonic()
+    try:
+        cl.start()
+        cl.write_state_file(state_file)
+    except HarnessError as exc:
+        cl.stop()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BaseException:
+        cl.stop()
+        raise
+    cl.detach()
+    print(cl.url)
+    print(_format_table(cl.nodes))
+    print(
+        f"cluster healthy in {time.monotonic() - started:.1f}s; "
+        f"state: {state_file}; node dirs: {cl.base_dir}"
+    )
+    return 0
+
+
+def _cli_down(args: argparse.Namespace) -> int:
+    state_file: Path = args.state_file
+    if not state_file.exists():
+        print(f"no cluster to stop (no state file at {state_file})")
+        return 0
+    try:
+        cl = LocalCluster.from_state_file(state_file)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    running = sum(cl._alive(n) for n in cl._nodes)
+    cl.stop()
+    state_file.unlink()
+    if state_file == DEFAULT_STATE_FILE:
+        with contextlib.suppress(OSError):
+            state_file.parent.rmdir()  # the .engine-cluster/ that `up` created, if now empty
+    print(f"stopped {running} node(s); removed {state_file}")
+    return 0
+
+
+def _cli_status(args: argparse.Namespace) -> int:
+    state_file: Path = args.state_file
+    if not state_file.exists():
+        print(f"no cluster (no state file at {state_file})")
+        return 1
+    try:
+        cl = LocalCluster.from_state_file(state_file)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    nodes = cl.nodes
+    state = _cluster_state(cl)
+    print(cl.url)
+    print(_format_table(nodes))
+    print(f"cluster_state: {state}")
+    return 0 if state.startswith("ok") and all(n.alive for n in nodes) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m engine cluster up|down|status``.
+
+    Args:
+        argv: Arguments after ``cluster``, e.g. ``["up", "--primaries", "3"]``.
+
+    Returns:
+        The process exit code.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m engine cluster",
+        description="Run a local Redis Cluster in the background for development.",
+    )
+    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument("--primaries", type=int, default=3, help="number of primaries (3)")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas per primary (1)")
+    parser.add_argument(
+        "--state-file",
+        type=Path,
+        default=DEFAULT_STATE_FILE,
+        help=f"where the running cluster is recorded ({DEFAULT_STATE_FILE})",
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="startup timeout (30s)")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if args.command == "up":
+            return _cli_up(args)
+        if args.command == "down":
+            return _cli_down(args)
+        return _cli_status(args)
+    except (RedisServerNotFound, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

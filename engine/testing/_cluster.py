@@ -1,0 +1,926 @@
+"""The cluster object: `LocalCluster` and the snapshots it hands out.
+
+`LocalCluster` starts real ``redis-server`` processes on free loopback ports, joins them into a
+cluster with direct ``CLUSTER`` commands (no ``redis-cli --cluster create`` and its sleeps), and
+gives tests the knobs a failover drill needs: kill, pause, restart and manual failover.
+
+Example:
+    >>> from engine.testing import LocalCluster
+    >>> with LocalCluster(primaries=3, replicas_per_primary=1) as cl:  # doctest: +SKIP
+    ...     node = cl.primary_for_key("session:abc")
+    ...     cl.run(node.port, "SET", "session:abc", "1")
+    ...     cl.kill(node.port)
+    ...     cl.wait_healthy()
+
+Every node gets its own directory ``<base_dir>/<port>/`` holding a generated ``redis.conf``
+(which ``include``s the shared ``engine/redis-node.conf``), ``nodes.conf`` and ``redis.log``.
+Process control, ports and the parsing of ``CLUSTER NODES`` live in their own modules.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.retry import Retry
+
+from ._constants import (
+    _BIND_ATTEMPTS,
+    _CONTROL_TIMEOUT,
+    _STATE_VERSION,
+    _STOP_GRACE,
+    BUS_PORT_OFFSET,
+    DEFAULT_STATE_FILE,
+    NODE_CONF,
+    TOTAL_SLOTS,
+    FailoverMode,
+    HarnessError,
+    RedisServerNotFound,
+    Role,
+)
+from ._ports import _pick_ports
+from ._processes import (
+    _bind_failed,
+    _find_redis_server,
+    _is_our_redis,
+    _log_tail,
+    _on_long_lived_thread,
+    _pdeathsig_preexec,
+    _quote,
+    _wait_proc_state,
+)
+from ._topology import _myself, _NodeLine, _parse_cluster_nodes, _parse_info
+
+__all__ = [
+    "BUS_PORT_OFFSET",
+    "DEFAULT_STATE_FILE",
+    "NODE_CONF",
+    "TOTAL_SLOTS",
+    "ClusterNode",
+    "FailoverMode",
+    "HarnessError",
+    "LocalCluster",
+    "RedisServerNotFound",
+    "Role",
+]
+
+
+@dataclass(frozen=True)
+class ClusterNode:
+    """A snapshot of one harness node.
+
+    Attributes:
+        host: Address the node listens on.
+        port: Client port (the cluster bus is ``port + 10000``).
+        pid: Process id of the ``redis-server`` (``None`` if it never started).
+        role: ``"primary"`` or ``"replica"``, as the cluster sees it at snapshot time.
+        node_id: Cluster node id; ``None`` for a non-cluster server.
+        alive: The process exists (a paused node is still alive).
+        paused: The process was stopped with `LocalCluster.pause`.
+        master_id: For a replica, the node id of its primary.
+        slots: Inclusive slot ranges this node serves (primaries only).
+    """
+
+    host: str
+    port: int
+    pid: int | None
+    role: Role
+    node_id: str | None
+    alive: bool
+    paused: bool = False
+    master_id: str | None = None
+    slots: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def url(self) -> str:
+        """``redis://host:port`` of this node."""
+        return _url(self.host, self.port)
+
+
+class _Node:
+    """Mutable bookkeeping for one process the harness manages."""
+
+    def __init__(self, port: int, directory: Path, role: Role) -> None:
+        self.port = port
+        self.dir = directory
+        self.role = role  # last known role; the live one comes from the cluster
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        self.node_id: str | None = None
+        self.paused = False
+
+    @property
+    def conf(self) -> Path:
+        return self.dir / "redis.conf"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "redis.log"
+
+
+class LocalCluster:
+    """A Redis Cluster (or one plain server) made of local ``redis-server`` processes.
+
+    Use it as a context manager, or call `start` and `stop`. While running, `stop` is also
+    registered with `atexit`, and by default every node gets ``PR_SET_PDEATHSIG`` so it dies
+    with the Python process even on ``SIGKILL``.
+
+    Node order is fixed at creation: the first ``primaries`` nodes are the primaries, then the
+    replicas of primary 0, of primary 1, and so on. Roles change with failovers, so read them
+    from `nodes`, `primaries` or `replicas`, never from the order.
+
+    Args:
+        primaries: Number of primaries; the 16384 slots are split evenly between them.
+        replicas_per_primary: Replicas attached to each primary.
+        cluster_mode: ``False`` starts a single plain (non-cluster) server and ignores
+            ``primaries`` and ``replicas_per_primary``.
+        host: Address to bind and announce.
+        node_timeout_ms: ``cluster-node-timeout``; failure detection takes about this long.
+        persistence: Turn on AOF (``appendonly yes``); off by default, as in production.
+        extra_config: More directives, written verbatim after everything else (so they win),
+            e.g. ``{"cluster-require-full-coverage": "no"}``.
+        redis_server: Path of the ``redis-server`` executable; default: found on ``PATH``.
+        base_dir: Directory for the node directories. Default: a fresh temporary directory,
+            which `stop` removes (a directory you pass is left in place).
+        startup_timeout: Seconds `start` may take before it gives up.
+        die_with_parent: Kill the nodes when this process dies (Linux only).
+
+    Raises:
+        RedisServerNotFound: ``redis-server`` is missing or not executable.
+        ValueError: Invalid sizes or configuration.
+    """
+
+    def __init__(
+        self,
+        *,
+        primaries: int = 3,
+        replicas_per_primary: int = 1,
+        cluster_mode: bool = True,
+        host: str = "127.0.0.1",
+        node_timeout_ms: int = 2000,
+        persistence: bool = False,
+        extra_config: dict[str, str] | None = None,
+        redis_server: str | None = None,
+        base_dir: str | None = None,
+        startup_timeout: float = 30.0,
+        die_with_parent: bool = True,
+    ) -> None:
+        self._configure(
+            primaries=primaries,
+            replicas_per_primary=replicas_per_primary,
+            cluster_mode=cluster_mode,
+            host=host,
+            node_timeout_ms=node_timeout_ms,
+            persistence=persistence,
+            extra_config=extra_config,
+            base_dir=base_dir,
+            startup_timeout=startup_timeout,
+            die_with_parent=die_with_parent,
+        )
+        self._redis_server = _find_redis_server(redis_server)
+
+    def _configure(
+        self,
+        *,
+        primaries: int,
+        replicas_per_primary: int,
+        cluster_mode: bool,
+        host: str,
+        node_timeout_ms: int,
+        persistence: bool,
+        extra_config: dict[str, str] | None,
+        base_dir: str | None,
+        startup_timeout: float,
+        die_with_parent: bool,
+    ) -> None:
+        if cluster_mode and primaries < 1:
+            raise ValueError("primaries must be >= 1")
+        if replicas_per_primary < 0:
+            raise ValueError("replicas_per_primary must be >= 0")
+        if node_timeout_ms < 1:
+            raise ValueError("node_timeout_ms must be positive")
+        for key, value in (extra_config or {}).items():
+            # One directive per line: anything that could smuggle in a second line is refused.
+            if not key or any(c.isspace() for c in key) or "\n" in value or "\r" in value:
+                raise ValueError(f"invalid extra_config entry {key!r}: {value!r}")
+        self.cluster_mode = cluster_mode
+        self.primaries_count = primaries if cluster_mode else 1
+        self.replicas_per_primary = replicas_per_primary if cluster_mode else 0
+        self.host = host
+        self.node_timeout_ms = node_timeout_ms
+        self.persistence = persistence
+        self.extra_config = dict(extra_config or {})
+        self.startup_timeout = startup_timeout
+        self.die_with_parent = die_with_parent
+        self._requested_base_dir = base_dir
+        self._base_dir: Path | None = Path(base_dir).resolve() if base_dir else None
+        self._owns_base_dir = False
+        self._attached = False  # re-created from a state file: the processes are not our children
+        self._nodes: list[_Node] = []
+        self._clients: list[redis.Redis] = []
+        self._started = False
+        self._stopped = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> LocalCluster:
+        """Start the processes, form the cluster and wait until it is healthy.
+
+        Returns:
+            ``self``, for chaining.
+
+        Raises:
+            HarnessError: Startup failed or took longer than ``startup_timeout``; everything
+                started so far has been stopped again.
+        """
+        if self._started:
+            raise HarnessError("this LocalCluster was already started; create a new one")
+        self._started = True
+        deadline = time.monotonic() + self.startup_timeout
+        # Registered before the first process exists, so a crash half-way still cleans up.
+        atexit.register(self.stop)
+        try:
+            if self._base_dir is None:
+                self._base_dir = Path(tempfile.mkdtemp(prefix="engine-cluster-")).resolve()
+                self._owns_base_dir = True
+            else:
+                self._base_dir.mkdir(parents=True, exist_ok=True)
+            self._launch_all(deadline)
+            if self.cluster_mode:
+                self._form_cluster(deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every node and remove the base directory if the harness created it.
+
+        Paused nodes are resumed first so they can act on ``SIGTERM``; nodes still running after
+        about three seconds are killed. Safe to call more than once, and never raises for
+        processes that are already gone.
+        """
+        atexit.unregister(self.stop)
+        if self._stopped:
+            return
+        self._stopped = True
+        for client in self._clients:
+            with contextlib.suppress(Exception):
+                client.close()
+        self._clients.clear()
+        running = [n for n in self._nodes if self._alive(n)]
+        for node in running:
+            # A stopped process only acts on SIGTERM once continued. Sent to every node, since a
+            # node re-attached from a state file may have been paused by another process.
+            self._signal(node, signal.SIGCONT)
+            node.paused = False
+        for node in running:
+            self._signal(node, signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE
+        for node in running:
+            if not self._wait_exit(node, max(0.0, deadline - time.monotonic())):
+                self._signal(node, signal.SIGKILL)
+                self._wait_exit(node, 5.0)
+        self._remove_dirs()
+
+    def detach(self) -> None:
+        """Stop managing the nodes: they keep running after this Python process exits.
+
+        Used by ``python -m engine cluster up``. Only meaningful for a cluster started with
+        ``die_with_parent=False``; stop it later via `from_state_file` and `stop`.
+        """
+        atexit.unregister(self.stop)
+        for node in self._nodes:
+            # Forget the Popen objects: their pids are re-checked before any later signal.
+            node.proc = None
+        self._attached = True
+        self._stopped = True
+
+    def _remove_dirs(self) -> None:
+        base = self._base_dir
+        if base is None or not self._owns_base_dir:
+            return
+        if not self._attached:
+            shutil.rmtree(base, ignore_errors=True)
+            return
+        # The path came from a state file: delete only the node directories it lists, then the
+        # base directory if nothing else is in it.
+        for node in self._nodes:
+            if node.dir.parent == base:
+                shutil.rmtree(node.dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            base.rmdir()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def url(self) -> str:
+        """``redis://host:port`` of the first primary (a fine seed for cluster clients)."""
+        if not self._nodes:
+            raise HarnessError("cluster is not started")
+        return _url(self.host, self._nodes[0].port)
+
+    @property
+    def ports(self) -> list[int]:
+        """Client ports of all nodes, in creation order (cheap: no round trip)."""
+        return [n.port for n in self._nodes]
+
+    @property
+    def base_dir(self) -> Path | None:
+        """The directory holding one sub-directory per node."""
+        return self._base_dir
+
+    @property
+    def nodes(self) -> list[ClusterNode]:
+        """Snapshots of all nodes, in creation order, with roles read live from the cluster.
+
+        A running node reports its own role; for a dead or paused node the view of another
+        live node is used, falling back to the last role the harness saw.
+        """
+        shared: dict[str, _NodeLine] | None = None
+        result: list[ClusterNode] = []
+        for node in self._nodes:
+            alive = self._alive(node)
+            line: _NodeLine | None = None
+            if self.cluster_mode:
+                if alive and not node.paused:
+                    line = _myself(self._cluster_nodes_or_none(node.port))
+                if line is None and node.node_id is not None:
+                    if shared is None:
+                        # Nobody may answer (e.g. the only node is paused): keep last role.
+                        with contextlib.suppress(HarnessError):
+                            shared = self._any_view()
+                        shared = shared or {}
+                    line = shared.get(node.node_id)
+            if line is not None:
+                node.role = line.role
+            result.append(
+                ClusterNode(
+                    host=self.host,
+                    port=node.port,
+                    pid=node.pid,
+                    role=node.role,
+                    node_id=node.node_id,
+                    alive=alive,
+                    paused=node.paused,
+                    master_id=line.master_id if line else None,
+                    slots=line.slots if line else (),
+                )
+            )
+        return result
+
+    def primaries(self) -> list[ClusterNode]:
+        """Running, un-paused nodes that are currently primaries."""
+        return [n for n in self.nodes if n.alive and not n.paused and n.role == "primary"]
+
+    def replicas(self) -> list[ClusterNode]:
+        """Running, un-paused nodes that are currently replicas."""
+        return [n for n in self.nodes if n.alive and not n.paused and n.role == "replica"]
+
+    def node(self, port: int) -> ClusterNode:
+        """Snapshot of the node listening on ``port``.
+
+        Raises:
+            HarnessError: No harness node uses that port.
+        """
+        self._node(port)
+        return next(n for n in self.nodes if n.port == port)
+
+    def primary_for_key(self, key: str | bytes) -> ClusterNode:
+        """The primary serving ``key``'s hash slot right now (hash tags honoured).
+
+        In non-cluster mode this is the single server.
+
+        Raises:
+            HarnessError: No live node could tell, or the slot is unassigned.
+        """
+        raw = key.encode() if isinstance(key, str) else key
+        if not self.cluster_mode:
+            return self.nodes[0]
+        slot = key_slot(raw)
+        view = self._any_view()
+        for line in view.values():
+            if "slave" in line.flags:
+                continue
+            if any(lo <= slot <= hi for lo, hi in line.slots):
+                for snap in self.nodes:
+                    if snap.node_id == line.node_id:
+                        return snap
+                raise HarnessError(f"slot {slot} is served by unknown node {line.node_id}")
+        raise HarnessError(f"no primary serves slot {slot} (key {raw!r})")
+
+    # ------------------------------------------------------------------ convenience clients
+
+    def client(
+        self, port: int, *, socket_timeout: float = _CONTROL_TIMEOUT, decode_responses: bool = True
+    ) -> redis.Redis:
+        """A plain (non-cluster) sync client for one node, without retries.
+
+        The client is closed by `stop`; closing it earlier is fine too.
+
+        Args:
+            port: The node's port.
+            socket_timeout: Connect and read timeout in seconds.
+            decode_responses: Return ``str`` instead of ``bytes``.
+        """
+        self._node(port)
+        client = _client(self.host, port, socket_timeout, decode_responses=decode_responses)
+        self._clients.append(client)
+        return client
+
+    def run(self, port: int, *args: Any) -> Any:
+        """Send one command to one node and return redis-py's parsed reply.
+
+        Example: ``cl.run(port, "CLUSTER", "INFO")``.
+        """
+        self._node(port)
+        with _client(self.host, port, _CONTROL_TIMEOUT) as client:
+            return client.execute_command(*args)
+
+    # ------------------------------------------------------------------ fault injection
+
+    def kill(self, port: int) -> None:
+        """``SIGKILL`` the node on ``port`` and wait until the process is gone."""
+        node = self._node(port)
+        if self._alive(node):
+            self._signal(node, signal.SIGKILL)
+            if not self._wait_exit(node, 10.0):
+                raise HarnessError(f"node {port} (pid {node.pid}) survived SIGKILL")
+        node.paused = False
+
+    def pause(self, port: int) -> None:
+        """Freeze the node with ``SIGSTOP``: it keeps its sockets but answers nothing."""
+        node = self._running_node(port)
+        self._signal(node, signal.SIGSTOP)
+        node.paused = True
+        _wait_proc_state(node.pid, stopped=True)
+
+    def resume(self, port: int) -> None:
+        """Undo `pause` with ``SIGCONT``."""
+        node = self._running_node(port)
+        self._signal(node, signal.SIGCONT)
+        node.paused = False
+        _wait_proc_state(node.pid, stopped=False)
+
+    def restart(self, port: int) -> None:
+        """Start the node again from its own directory, so it keeps its node id.
+
+        A node that is still running is killed first (a crash-restart). Returns once the node
+        answers ``PING``; call `wait_healthy` to wait until it has rejoined the cluster.
+
+        Raises:
+            HarnessError: The node did not come back within ``startup_timeout``.
+        """
+        node = self._node(port)
+        self.kill(port)
+        self._spawn(node)
+        deadline = time.monotonic() + self.startup_timeout
+        failed = self._await_ping([node], deadline)
+        if failed:
+            raise HarnessError(f"node {port} did not restart: {_log_tail(node.log)}")
+
+    def failover(
+        self, replica_port: int, mode: FailoverMode | None = None, *, timeout: float = 15.0
+    ) -> None:
+        """Run ``CLUSTER FAILOVER [FORCE|TAKEOVER]`` on a replica and wait for its promotion.
+
+        Args:
+            replica_port: Port of a running replica.
+            mode: ``None`` (coordinated with the primary), ``"force"`` (no primary handshake)
+                or ``"takeover"`` (no election either).
+            timeout: Seconds to wait until the replica reports itself primary.
+
+        Raises:
+            HarnessError: Not a cluster, not a replica, or no promotion within ``timeout``.
+        """
+        if not self.cluster_mode:
+            raise HarnessError("failover needs cluster_mode=True")
+        if mode not in (None, "force", "takeover"):
+            raise ValueError(f"mode must be None, 'force' or 'takeover', not {mode!r}")
+        node = self._running_node(replica_port)
+        own = _myself(self._cluster_nodes_or_none(replica_port))
+        if own is None or own.role != "replica":
+            raise HarnessError(f"node {replica_port} is not a replica")
+        args = ["CLUSTER", "FAILOVER"] + ([mode.upper()] if mode else [])
+        self.run(replica_port, *args)
+        deadline = time.monotonic() + timeout
+        while True:
+            own = _myself(self._cluster_nodes_or_none(replica_port))
+            if own is not None and own.role == "primary":
+                node.role = "primary"
+                return
+            if time.monotonic() >= deadline:
+                raise HarnessError(
+                    f"replica {replica_port} not promoted {timeout:.1f}s after "
+                    f"{' '.join(args)}: {_log_tail(node.log)}"
+                )
+            time.sleep(0.05)
+
+    # ------------------------------------------------------------------ health
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Wait until the cluster is fully healthy as seen from every live node.
+
+        Healthy means, on every running, un-paused node: ``cluster_state:ok``; all 16384
+        slots assigned, each to a live primary; the same slot map and the same role/primary
+        for every live node; no live node flagged as failing; and ``master_link_status:up``
+        on every replica. In non-cluster mode: the server answers ``PING``.
+
+        Raises:
+            HarnessError: Not healthy after ``timeout`` seconds; the message lists what was
+                still wrong.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            problems = self._health_problems()
+            if not problems:
+                return
+            if time.monotonic() >= deadline:
+                raise HarnessError(
+                    f"cluster not healthy after {timeout:.1f}s: " + "; ".join(problems)
+                )
+            time.sleep(0.05)
+
+    def _health_problems(self) -> list[str]:
+        live = [n for n in self._nodes if self._alive(n) and not n.paused]
+        if not live:
+            return ["no running, un-paused node"]
+        if not self.cluster_mode:
+            return [] if _ping(self.host, live[0].port) else [f"{live[0].port}: no PONG"]
+        live_ids = {n.node_id for n in live}
+        problems: list[str] = []
+        reference: tuple[Any, ...] | None = None
+        for node in live:
+            try:
+                with _client(self.host, node.port, _CONTROL_TIMEOUT) as client:
+                    info = _parse_info(client.execute_command("CLUSTER", "INFO"))
+                    lines = _parse_cluster_nodes(client.execute_command("CLUSTER", "NODES"))
+                    repl = client.info("replication")
+            except (redis.RedisError, OSError) as exc:
+                problems.append(f"{node.port}: {exc!r}")
+                continue
+            where = f"{node.port}"
+            if info.get("cluster_state") != "ok":
+                problems.append(f"{where}: cluster_state:{info.get('cluster_state')}")
+            view = {line.node_id: line for line in lines}
+            missing = live_ids - view.keys()
+            if missing:
+                problems.append(f"{where}: does not know {sorted(str(m) for m in missing)}")
+            for line in lines:
+                if line.node_id in live_ids and line.failing:
+                    problems.append(f"{where}: sees {line.port} as {','.join(sorted(line.flags))}")
+            slot_map = sorted(
+                (lo, hi, line.node_id)
+                for line in lines
+                if line.role == "primary"
+                for lo, hi in line.slots
+            )
+            covered = sum(hi - lo + 1 for lo, hi, _ in slot_map)
+            if covered != TOTAL_SLOTS:
+                problems.append(f"{where}: {covered}/{TOTAL_SLOTS} slots assigned")
+            dead_owners = {owner for _, _, owner in slot_map if owner not in live_ids}
+            if dead_owners:
+                problems.append(f"{where}: slots owned by non-live nodes {sorted(dead_owners)}")
+            if repl.get("role") == "slave" and repl.get("master_link_status") != "up":
+                problems.append(f"{where}: master_link_status:{repl.get('master_link_status')}")
+            topology = tuple(
+                sorted(
+                    (line.node_id, line.role, line.master_id)
+                    for line in lines
+                    if line.node_id in live_ids
+                )
+            )
+            signature = (tuple(slot_map), topology)
+            if reference is None:
+                reference = signature
+            elif signature != reference:
+                problems.append(f"{where}: slot map or roles differ from {live[0].port}'s view")
+        return problems
+
+    # ------------------------------------------------------------------ state file
+
+    def write_state_file(self, path: str | os.PathLike[str]) -> None:
+        """Record the running nodes as JSON, so `from_state_file` can re-attach later."""
+        state = {
+            "version": _STATE_VERSION,
+            "url": self.url,
+            "host": self.host,
+            "cluster_mode": self.cluster_mode,
+            "primaries": self.primaries_count,
+            "replicas_per_primary": self.replicas_per_primary,
+            "node_timeout_ms": self.node_timeout_ms,
+            "persistence": self.persistence,
+            "extra_config": self.extra_config,
+            "redis_server": self._redis_server,
+            "base_dir": str(self._base_dir),
+            "owns_base_dir": self._owns_base_dir,
+            "ports": [n.port for n in self._nodes],
+            "pids": [n.pid for n in self._nodes],
+            "nodes": [
+                {
+                    "port": n.port,
+                    "pid": n.pid,
+                    "node_id": n.node_id,
+                    "role": n.role,
+                    "dir": str(n.dir),
+                }
+                for n in self._nodes
+            ],
+        }
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(target)  # atomic: a concurrent `status` never reads half a file
+
+    @classmethod
+    def from_state_file(cls, path: str | os.PathLike[str]) -> LocalCluster:
+        """Re-attach to nodes recorded by `write_state_file` (e.g. by ``cluster up``).
+
+        The returned object supports everything a started cluster does; `stop` stops exactly
+        the recorded processes, after checking each pid still is that ``redis-server``.
+
+        Raises:
+            HarnessError: The file is missing or malformed.
+        """
+        try:
+            state = json.loads(Path(path).read_text())
+            if state.get("version") != _STATE_VERSION:
+                raise HarnessError(f"unsupported state file version {state.get('version')!r}")
+            obj = cls.__new__(cls)
+            obj._configure(
+                primaries=int(state["primaries"]),
+                replicas_per_primary=int(state["replicas_per_primary"]),
+                cluster_mode=bool(state["cluster_mode"]),
+                host=str(state["host"]),
+                node_timeout_ms=int(state["node_timeout_ms"]),
+                persistence=bool(state["persistence"]),
+                extra_config={str(k): str(v) for k, v in state["extra_config"].items()},
+                base_dir=str(state["base_dir"]),
+                startup_timeout=30.0,
+                die_with_parent=False,
+            )
+            obj._redis_server = str(state["redis_server"])
+            obj._owns_base_dir = bool(state["owns_base_dir"])
+            for entry in state["nodes"]:
+                node = _Node(int(entry["port"]), Path(entry["dir"]), entry["role"])
+                node.pid = int(entry["pid"]) if entry["pid"] is not None else None
+                node.node_id = entry["node_id"]
+                obj._nodes.append(node)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise HarnessError(f"cannot read cluster state file {path}: {exc!r}") from exc
+        obj._attached = True
+        obj._started = True
+        return obj
+
+    # ------------------------------------------------------------------ process handling
+
+    def _node(self, port: int) -> _Node:
+        for node in self._nodes:
+            if node.port == port:
+                return node
+        raise HarnessError(f"no harness node on port {port} (ports: {self.ports})")
+
+    def _running_node(self, port: int) -> _Node:
+        node = self._node(port)
+        if not self._alive(node):
+            raise HarnessError(f"node {port} is not running")
+        return node
+
+    def _alive(self, node: _Node) -> bool:
+        if node.proc is not None:
+            return node.proc.poll() is None
+        return node.pid is not None and _is_our_redis(node.pid, node.port)
+
+    def _signal(self, node: _Node, sig: signal.Signals) -> None:
+        if node.proc is not None:
+            # Popen refuses to signal a child it has already reaped, so a recycled pid is safe.
+            with contextlib.suppress(ProcessLookupError):
+                node.proc.send_signal(sig)
+        elif node.pid is not None and _is_our_redis(node.pid, node.port):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(node.pid, sig)
+
+    def _wait_exit(self, node: _Node, timeout: float) -> bool:
+        if node.proc is not None:
+            try:
+                node.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+        deadline = time.monotonic() + timeout
+        while node.pid is not None and _is_our_redis(node.pid, node.port):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def _write_conf(self, node: _Node) -> None:
+        lines = [
+            "# Generated by engine.cluster. Shared settings come from the include; everything",
+            "# below is specific to this node and overrides it.",
+            f"include {_quote(NODE_CONF)}",
+            f"port {node.port}",
+            f"bind {self.host}",
+            f"dir {_quote(node.dir)}",
+            f"logfile {_quote(node.log)}",
+        ]
+        if self.cluster_mode:
+            lines += [
+                "cluster-config-file nodes.conf",
+                f"cluster-node-timeout {self.node_timeout_ms}",
+            ]
+        else:
+            lines.append("cluster-enabled no")
+        if self.persistence:
+            lines.append("appendonly yes")
+        lines += [f"{key} {value}" for key, value in self.extra_config.items()]
+        node.conf.write_text("\n".join(lines) + "\n")
+
+    def _spawn(self, node: _Node) -> None:
+        preexec = _pdeathsig_preexec() if self.die_with_parent else None
+        cmd = [self._redis_server, str(node.conf)]
+
+        def popen() -> subprocess.Popen[bytes]:
+            # Early errors (bad config) go to stderr before the logfile is open: keep them too.
+            with node.log.open("ab") as log:
+                return subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    cwd=node.dir,
+                    # Own session: a Ctrl-C meant for pytest must not hit the nodes mid-cleanup.
+                    start_new_session=True,
+                    # Only a prctl call; forks come from one thread (see _on_long_lived_thread).
+                    preexec_fn=preexec,  # noqa: PLW1509
+                )
+
+        node.proc = _on_long_lived_thread(popen) if preexec else popen()
+        node.pid = node.proc.pid
+        node.paused = False
+
+    def _launch_all(self, deadline: float) -> None:
+        assert self._base_dir is not None
+        primary: Role = "primary"
+        replica: Role = "replica"
+        roles = [primary] * self.primaries_count + [replica] * (
+            self.primaries_count * self.replicas_per_primary
+        )
+        ports = _pick_ports(self.host, len(roles), set())
+        self._nodes = [
+            _Node(p, self._base_dir / str(p), r) for p, r in zip(ports, roles, strict=True)
+        ]
+        pending = list(self._nodes)
+        for attempt in range(_BIND_ATTEMPTS):
+            for node in pending:
+                node.dir.mkdir()
+                self._write_conf(node)
+                self._spawn(node)
+            failed = self._await_ping(pending, deadline)
+            if not failed:
+                return
+            collided = [n for n in failed if _bind_failed(n.log)]
+            if len(collided) < len(failed) or attempt == _BIND_ATTEMPTS - 1:
+                bad = failed[0]
+                raise HarnessError(
+                    f"redis-server on port {bad.port} did not start: {_log_tail(bad.log)}"
+                )
+            # Someone grabbed the port between our probe and the server's bind: move the
+            # affected nodes to fresh ports and try again.
+            taken = {n.port for n in self._nodes}
+            fresh = _pick_ports(self.host, len(collided), taken)
+            for node, port in zip(collided, fresh, strict=True):
+                shutil.rmtree(node.dir, ignore_errors=True)
+                node.port = port
+                node.dir = self._base_dir / str(port)
+            pending = collided
+
+    def _await_ping(self, nodes: Sequence[_Node], deadline: float) -> list[_Node]:
+        """Wait until each node answers PING; return the ones that died or timed out."""
+        waiting = list(nodes)
+        failed: list[_Node] = []
+        while waiting:
+            for node in list(waiting):
+                if not self._alive(node):
+                    if node.proc is not None:
+                        node.proc.wait()
+                    waiting.remove(node)
+                    failed.append(node)
+                elif _ping(self.host, node.port):
+                    waiting.remove(node)
+            if waiting and time.monotonic() >= deadline:
+                for node in waiting:
+                    self._signal(node, signal.SIGKILL)
+                    self._wait_exit(node, 5.0)
+                return failed + waiting
+            if waiting:
+                time.sleep(0.02)
+        return failed
+
+    def _form_cluster(self, deadline: float) -> None:
+        nodes = self._nodes
+        for epoch, node in enumerate(nodes, start=1):
+            node.node_id = str(self.run(node.port, "CLUSTER", "MYID"))
+            # Distinct config epochs up front, as redis-cli does: otherwise the nodes spend
+            # a while resolving epoch collisions before failovers behave.
+            self.run(node.port, "CLUSTER", "SET-CONFIG-EPOCH", epoch)
+        n = self.primaries_count
+        for i, node in enumerate(nodes[:n]):
+            first, last = i * TOTAL_SLOTS // n, (i + 1) * TOTAL_SLOTS // n - 1
+            self.run(node.port, "CLUSTER", "ADDSLOTSRANGE", first, last)
+        # Meeting every pair directly skips waiting for gossip to spread the introductions.
+        for i, node in enumerate(nodes):
+            for other in nodes[i + 1 :]:
+                self.run(node.port, "CLUSTER", "MEET", self.host, other.port)
+        self._wait_mesh(deadline)
+        for i, replica in enumerate(nodes[n:]):
+            primary = nodes[i // self.replicas_per_primary]
+            self.run(replica.port, "CLUSTER", "REPLICATE", primary.node_id)
+        self.wait_healthy(max(0.0, deadline - time.monotonic()))
+
+    def _wait_mesh(self, deadline: float) -> None:
+        """Wait until every node knows every other one by its real id (handshakes done)."""
+        ids = {n.node_id for n in self._nodes}
+        while True:
+            lagging = []
+            for node in self._nodes:
+                lines = self._cluster_nodes_or_none(node.port) or []
+                known = {line.node_id for line in lines if not line.flags & {"handshake", "noaddr"}}
+                if not ids <= known:
+                    lagging.append(node.port)
+            if not lagging:
+                return
+            if time.monotonic() >= deadline:
+                raise HarnessError(f"nodes {lagging} did not learn about all peers in time")
+            time.sleep(0.02)
+
+    def _cluster_nodes_or_none(self, port: int) -> list[_NodeLine] | None:
+        try:
+            with _client(self.host, port, _CONTROL_TIMEOUT) as client:
+                return _parse_cluster_nodes(client.execute_command("CLUSTER", "NODES"))
+        except (redis.RedisError, OSError):
+            return None
+
+    def _any_view(self) -> dict[str, _NodeLine]:
+        """The cluster as seen by the first live node that answers."""
+        for node in self._nodes:
+            if self._alive(node) and not node.paused:
+                lines = self._cluster_nodes_or_none(node.port)
+                if lines is not None:
+                    return {line.node_id: line for line in lines}
+        raise HarnessError("no live node answers CLUSTER NODES")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _url(host: str, port: int) -> str:
+    return f"redis://[{host}]:{port}" if ":" in host else f"redis://{host}:{port}"
+
+
+def _client(host: str, port: int, timeout: float, *, decode_responses: bool = True) -> redis.Redis:
+    # No retries: redis-py retries 10 times by default, which turns "node is down/paused"
+    # into a multi-second hang instead of a quick, clear error.
+    return redis.Redis(
+        host=host,
+        port=port,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=decode_responses,
+    )
+
+
+def _ping(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with _client(host, port, timeout) as client:
+            return bool(client.ping())
+    except (redis.RedisError, OSError):  # refused, timed out, or still LOADING
+        return False
