@@ -1,7 +1,8 @@
 """Shared fixtures: one real six-node cluster for the whole run, one plain server.
 
-* ``cluster``: a ``LocalCluster`` (3 primaries + 3 replicas) started once per test run,
-  or the cluster at ``ENGINE_TEST_REDIS_URL`` when that is set. Tests that kill, pause
+* ``cluster_url``: the plugin's ``redis_cluster`` (engine/testing/plugin.py): a
+  ``LocalCluster`` (3 primaries + 3 replicas) started once per test run, or the cluster at
+  ``ENGINE_TEST_REDIS_URL`` when that is set. Tests that kill, pause
   or fail over nodes must start their own ``LocalCluster`` instead.
 * ``standalone``: one plain (non-cluster) ``redis-server`` started once per run.
 * ``backend_url``: parametrised over both, for the basic suite that must pass on each.
@@ -50,17 +51,13 @@ def _docker_cluster() -> Iterator[str]:  # pragma: no cover - needs a Docker dae
 
 
 @pytest.fixture(scope="session")
-def cluster_url() -> Iterator[str]:
-    """URL of the shared six-node cluster (started once for the whole run)."""
-    external = os.environ.get("ENGINE_TEST_REDIS_URL")
-    if external:
-        yield external
-        return
+def cluster_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """URL of the shared six-node cluster: the plugin's ``redis_cluster`` (started once
+    for the whole run, or ENGINE_TEST_REDIS_URL), or a Docker one on request."""
     if os.environ.get("ENGINE_TEST_BACKEND") == "docker":
         yield from _docker_cluster()
         return
-    with LocalCluster(primaries=3, replicas_per_primary=1) as cl:
-        yield cl.url
+    yield request.getfixturevalue("redis_cluster").url
 
 
 @pytest.fixture(scope="session")

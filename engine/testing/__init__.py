@@ -2,21 +2,31 @@
 
 ``LocalCluster`` starts a real cluster (or one plain server) of ``redis-server``
 processes on loopback and gives a test kill, pause/resume, restart and failover;
-``RemoteCluster`` drives a cluster someone else started, with commands only; the pytest
-plugin (``engine.testing.plugin``) provides the fixtures. Needs redis-py (the ``testing``
-extra); the library itself does not.
+``RemoteCluster`` drives a cluster someone else started, with commands only;
+``delete_prefix`` / ``keys_under`` clean up and inspect a key prefix on every primary; the
+pytest plugin (``engine.testing.plugin``, registered as a ``pytest11`` entry point)
+provides the ``redis_cluster`` and ``session_engine`` fixtures.
+
+Needs redis-py (the ``testing`` extra), which the library itself does not: the names are
+imported on first use, so pytest can load the plugin where redis-py is missing.
 """
 
-from ._cluster import (
-    DEFAULT_STATE_FILE,
-    NODE_CONF,
-    ClusterNode,
-    HarnessError,
-    LocalCluster,
-    RedisServerNotFound,
-)
-from ._keyspace import delete_prefix, keys_under, primary_clients
-from ._remote import RemoteCluster
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._cluster import (
+        DEFAULT_STATE_FILE,
+        NODE_CONF,
+        ClusterNode,
+        HarnessError,
+        LocalCluster,
+        RedisServerNotFound,
+    )
+    from ._keyspace import delete_prefix, keys_under, primary_clients
+    from ._remote import RemoteCluster
 
 __all__ = [
     "DEFAULT_STATE_FILE",
@@ -30,3 +40,25 @@ __all__ = [
     "keys_under",
     "primary_clients",
 ]
+
+_HOME = {
+    "DEFAULT_STATE_FILE": "._cluster",
+    "NODE_CONF": "._cluster",
+    "ClusterNode": "._cluster",
+    "HarnessError": "._cluster",
+    "LocalCluster": "._cluster",
+    "RedisServerNotFound": "._cluster",
+    "RemoteCluster": "._remote",
+    "delete_prefix": "._keyspace",
+    "keys_under": "._keyspace",
+    "primary_clients": "._keyspace",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value
