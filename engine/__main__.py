@@ -35,7 +35,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] not in _COMMANDS:
         print(_USAGE, file=sys.stderr)
         return 2
-    module = importlib.import_module(_COMMANDS[args[0]][0])
+    try:
+        module = importlib.import_module(_COMMANDS[args[0]][0])
+    except ModuleNotFoundError as exc:  # the tools' extras are not installed
+        print(
+            f"python -m engine {args[0]} needs {exc.name!r}: "
+            "pip install 'redis-session-engine[testing,fastapi,loadtest,charts]'",
+            file=sys.stderr,
+        )
+        return 2
     code: int = module.main(args[1:])
     return code
 

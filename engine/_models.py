@@ -22,7 +22,7 @@ class SessionState(enum.StrEnum):
     """Where a session is in its life. ``validate`` accepts ``ACTIVE`` unless told otherwise."""
 
     ACTIVE = "active"
-    """The normal, fully authenticated state (the founding design's ``NONE``)."""
+    """The normal, fully authenticated state."""
     PENDING = "pending"
     """Authenticated in part, e.g. a second factor is outstanding."""
     LOCKED = "locked"

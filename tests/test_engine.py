@@ -552,16 +552,21 @@ def test_memo_forgets_its_older_half_when_full() -> None:
     assert 0 not in memo
 
 
-async def test_review_findings_stay_fixed(make_engine: Any) -> None:
-    """Regressions from the code review: each once failed as described."""
+async def test_a_shorter_idle_ttl_than_the_default_is_refreshed_in_time(
+    make_engine: Any,
+) -> None:
+    """The refresh slack is a fraction of the session's own idle TTL, not of the default's."""
     async with make_engine() as eng:
-        # A session with a shorter idle TTL than the default is refreshed in time (the
-        # refresh slack is a fraction of its own idle TTL, not of the default's).
         short = await eng.create(user_id="short", idle_ttl=1.5)
         for _ in range(4):
             await asyncio.sleep(0.6)
             assert await eng.validate(short.token) is not None
-        # Unhashable or absurd input: typed errors or None, never a crash.
+
+
+async def test_absurd_arguments_get_typed_errors_or_none(make_engine: Any) -> None:
+    """Unhashable tokens, infinite or NaN TTLs, a bool for a version: never a crash."""
+    async with make_engine() as eng:
+        live = await eng.create(user_id="absurd")
         assert await eng.validate([]) is None
         assert await eng.validate({}) is None
         with pytest.raises(InvalidArgument):
@@ -569,7 +574,10 @@ async def test_review_findings_stay_fixed(make_engine: Any) -> None:
         with pytest.raises(InvalidArgument):
             await eng.create(user_id="x", absolute_ttl=float("nan"))
         with pytest.raises(InvalidArgument):
-            await eng.update(short.token, data={}, expected_version=True)
+            await eng.update(live.token, data={}, expected_version=True)
+
+
+def test_settings_refuse_a_ttl_past_ten_years() -> None:
     with pytest.raises(ValueError):
         EngineSettings(absolute_ttl=1e10)
 
