@@ -27,40 +27,37 @@ print("core ok")
 """
 
 
+def _run_in(python: Path, code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``code`` in that venv's Python, the checkout on its path, nothing else around."""
+    return subprocess.run(
+        [str(python), "-c", code],
+        cwd=cwd,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _pip(python: Path, *packages: str) -> None:
+    quiet = ("-q", "--disable-pip-version-check")
+    subprocess.run(
+        [str(python), "-m", "pip", "install", *quiet, *packages], check=True, timeout=300
+    )
+
+
 def test_the_core_imports_with_only_its_declared_dependencies(tmp_path: Path) -> None:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     venv = tmp_path / "core"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *deps],
-        check=True,
-        timeout=300,
-    )
-    out = subprocess.run(
-        [str(python), "-c", CHECK],
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    _pip(python, *deps)
+    out = _run_in(python, CHECK, tmp_path)
     assert out.returncode == 0, out.stderr
     assert "core ok" in out.stdout
     # pytest loads the plugin wherever the package is installed: without redis-py too.
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "pytest"],
-        check=True,
-        timeout=300,
-    )
-    plugin = subprocess.run(
-        [str(python), "-c", "import sys, engine.testing.plugin; assert 'redis' not in sys.modules"],
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    _pip(python, "pytest")
+    code = "import sys, engine.testing.plugin; assert 'redis' not in sys.modules"
+    plugin = _run_in(python, code, tmp_path)
     assert plugin.returncode == 0, plugin.stderr

@@ -104,16 +104,23 @@ def _cli_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorded(state_file: Path) -> LocalCluster | int:
+    """The cluster recorded in ``state_file``, or the exit code when there is none."""
+    try:
+        return LocalCluster.from_state_file(state_file)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def _cli_down(args: argparse.Namespace) -> int:
     state_file: Path = args.state_file
     if not state_file.exists():
         print(f"no cluster to stop (no state file at {state_file})")
         return 0
-    try:
-        cl = LocalCluster.from_state_file(state_file)
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    cl = _recorded(state_file)
+    if isinstance(cl, int):
+        return cl
     running = sum(cl._alive(n) for n in cl._nodes)
     cl.stop()
     state_file.unlink()
@@ -129,11 +136,9 @@ def _cli_status(args: argparse.Namespace) -> int:
     if not state_file.exists():
         print(f"no cluster (no state file at {state_file})")
         return 1
-    try:
-        cl = LocalCluster.from_state_file(state_file)
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    cl = _recorded(state_file)
+    if isinstance(cl, int):
+        return cl
     nodes = cl.nodes
     state = _cluster_state(cl)
     print(cl.url)
