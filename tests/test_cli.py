@@ -1,4 +1,4 @@
-"""``python -m engine``: every command is reachable and documents itself."""
+"""``python -m engine``: one parser; every command is reachable and documents itself."""
 
 from __future__ import annotations
 
@@ -7,22 +7,36 @@ import sys
 
 import pytest
 
-from engine.__main__ import _COMMANDS, main
+from engine.cli import COMMANDS, main
 
 
 def test_usage_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 2
-    assert main(["no-such-command"]) == 2
+    for argv in ([], ["no-such-command"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
     err = capsys.readouterr().err
-    for name in _COMMANDS:
+    for name in COMMANDS:
         assert name in err
 
 
-@pytest.mark.parametrize("command", sorted(_COMMANDS))
-def test_every_command_has_help(command: str) -> None:
-    extra = ["up"] if command == "cluster" else []
+def test_help_and_version_exit_zero() -> None:
+    for flag in ("--help", "--version"):
+        out = subprocess.run(
+            [sys.executable, "-m", "engine", flag],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+    assert "0.1.0" in out.stdout
+
+
+@pytest.mark.parametrize("command", [*sorted(COMMANDS), "bench --http"])
+def test_every_command_has_help_with_its_defaults(command: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "engine", command, *extra, "--help"],
+        [sys.executable, "-m", "engine", *command.split(), "--help"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -30,3 +44,16 @@ def test_every_command_has_help(command: str) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "usage" in out.stdout.lower()
+    assert "(default:" in out.stdout
+
+
+def test_the_key_prefix_flag_has_one_name() -> None:
+    for command in ("demo", "loadtest"):
+        out = subprocess.run(
+            [sys.executable, "-m", "engine", command, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert "--prefix" in out.stdout and "--key-prefix" not in out.stdout, command

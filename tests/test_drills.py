@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine._drill import DrillReport, cluster_options, run_drill, write_chart
+from engine.cli.drill import DrillReport, cluster_options, run_drill, write_chart
 from engine.testing import LocalCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.drill]

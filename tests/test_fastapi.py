@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI, Response
 from fastapi.routing import APIRoute
-from helpers import delete_prefix, primaries
+from helpers import delete_prefix
 
 from engine import EngineSettings, Session, SessionEngine, SessionState
 from engine.fastapi import (
@@ -30,6 +30,7 @@ from engine.fastapi import (
     set_session_cookie,
 )
 from engine.testing import LocalCluster
+from engine.testing import primary_clients as primaries
 from loadtest.app import create_app
 
 pytestmark = pytest.mark.cluster

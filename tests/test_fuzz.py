@@ -1,6 +1,6 @@
 """Property tests of every public entry that takes outside input (issue 9).
 
-The generators and invariant checks are ``engine._fuzz``'s, the same the atheris targets of
+The generators and invariant checks are ``engine.cli.fuzz``'s, the same the atheris targets of
 ``python -m engine fuzz`` use; here Hypothesis draws the choices (derandomized, so CI runs
 the same examples every time). Each check raises ``InvariantBroken`` with the input when
 an entry answers with anything but a clear engine error or a correct result, writes after
@@ -31,7 +31,9 @@ from engine import (
     PayloadTooLarge,
     SessionEngine,
 )
-from engine._fuzz import (
+from engine._settings import redact_url
+from engine._transport import Transport, TransportOptions
+from engine.cli.fuzz import (
     MAX_ID_BYTES,
     MAX_PAYLOAD,
     TAG_SECRET,
@@ -47,8 +49,6 @@ from engine._fuzz import (
     check_url,
     engine_fields,
 )
-from engine._settings import redact_url
-from engine._transport import Transport, TransportOptions
 
 BOUNDED = settings(
     derandomize=True,
@@ -64,7 +64,7 @@ BOUNDED = settings(
 
 
 class DrawSource:
-    """``engine._fuzz.Source`` over a Hypothesis ``data()`` draw."""
+    """``engine.cli.fuzz.Source`` over a Hypothesis ``data()`` draw."""
 
     def __init__(self, data: st.DataObject) -> None:
         self._draw = data.draw

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import _httpbench
+from engine.cli import httpbench as _httpbench
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,8 +56,8 @@ def test_missing_peer_is_skipped_with_a_note(
     def find_spec(name: str, *args: object) -> object:
         return None if name == "starsessions" else real(name)
 
-    monkeypatch.setattr(_httpbench.importlib.util, "find_spec", find_spec)
-    monkeypatch.setattr(_httpbench.shutil, "which", lambda _: "/usr/bin/wrk")
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(shutil, "which", lambda _: "/usr/bin/wrk")
     code = _httpbench.main(["--systems", "starsessions", "--redis-server", sys.executable])
     err = capsys.readouterr().err
     assert code == 2

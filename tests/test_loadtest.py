@@ -9,7 +9,8 @@ import httpx
 import pytest
 from helpers import all_keys, delete_prefix
 
-from engine import EngineSettings, _loadtest
+from engine import EngineSettings
+from engine.cli import loadtest as _loadtest
 from engine.testing import LocalCluster
 from loadtest.app import create_app
 
@@ -35,7 +36,7 @@ def test_short_locust_run_has_no_failures(
         "1",
         "--out",
         str(tmp_path),
-        "--key-prefix",
+        "--prefix",
         prefix,
         "--wait",  # short think time: enough requests in a short run
         "1",

@@ -147,19 +147,8 @@ def _cli_status(args: argparse.Namespace) -> int:
     return 0 if state.startswith("ok") and all(n.alive for n in nodes) else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m engine cluster up|down|status``.
-
-    Args:
-        argv: Arguments after ``cluster``, e.g. ``["up", "--primaries", "3"]``.
-
-    Returns:
-        The process exit code.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m engine cluster",
-        description="Run a local Redis Cluster in the background for development.",
-    )
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``python -m engine cluster``."""
     parser.add_argument("command", choices=("up", "down", "status"))
     parser.add_argument("--primaries", type=int, default=3, help="number of primaries (3)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas per primary (1)")
@@ -170,7 +159,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"where the running cluster is recorded ({DEFAULT_STATE_FILE})",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="startup timeout (30s)")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m engine cluster ...`` from Python; returns the exit code."""
+    from . import main as cli_main  # noqa: PLC0415 - the one parser
+
+    return cli_main(["cluster", *(sys.argv[2:] if argv is None else argv)])
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Start, stop or show the background cluster."""
     try:
         if args.command == "up":
             return _cli_up(args)

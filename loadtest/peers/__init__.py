@@ -1,4 +1,4 @@
-"""One FastAPI app per system for ``python -m engine bench --http`` (``engine/_httpbench.py``).
+"""One FastAPI app per system for ``python -m engine bench --http`` (``engine/cli/httpbench.py``).
 
 Every app serves the same three endpoints, each wired the way its library's own docs show:
 

@@ -28,14 +28,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ._console import Progress, percentile_ms
-from ._engine import SessionEngine
-from ._errors import EngineError, EngineUnavailable, ReplicationIncomplete
-from ._keys import slot_of_tag
-from ._run import run
-from ._settings import EngineSettings
-from ._tokens import parse_token
-from .testing import ClusterNode, LocalCluster, RemoteCluster
+from .._engine import SessionEngine
+from .._errors import EngineError, EngineUnavailable, ReplicationIncomplete
+from .._keys import slot_of_tag
+from .._run import run
+from .._settings import EngineSettings
+from .._tokens import parse_token
+from ..testing import ClusterNode, LocalCluster, RemoteCluster
+from .console import Progress, percentile_ms
 
 Cluster = LocalCluster | RemoteCluster
 
@@ -611,9 +611,8 @@ def _remote_refusal(args: argparse.Namespace, names: Sequence[str]) -> str | Non
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m engine drill SCENARIO [...]``."""
-    parser = argparse.ArgumentParser(prog="python -m engine drill", description=__doc__)
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``python -m engine drill`` (on the one parser of the CLI)."""
     parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
     parser.add_argument("--url", help="drill this cluster (needs --i-own-this-cluster)")
     parser.add_argument("--i-own-this-cluster", action="store_true")
@@ -626,7 +625,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="cluster-require-full-coverage yes (default no)",
     )
     parser.add_argument("--out", type=Path, default=Path("drill-results"))
-    args = parser.parse_args(argv)
+
+
+def execute(args: argparse.Namespace) -> int:
+    """``python -m engine drill SCENARIO [...]``."""
     everything = REMOTE_SCENARIOS if args.url else tuple(SCENARIOS)
     names = list(everything) if args.scenario == "all" else [args.scenario]
     if args.url and (refusal := _remote_refusal(args, names)):
@@ -648,3 +650,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             with LocalCluster(**cluster_options(name, args.full_coverage)) as local:
                 clean &= _drill_and_report(args, name, local, "drill")
     return 0 if clean else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m engine drill ...`` from Python; returns the exit code."""
+    from . import main as cli_main  # noqa: PLC0415 - the one parser
+
+    return cli_main(["drill", *(sys.argv[2:] if argv is None else argv)])

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .._settings import EngineSettings
+from ..._settings import EngineSettings
 from ._core import TAG_SECRET, BytesSource, Source
 from ._http import HttpApp, check_http
 from ._targets import (
@@ -53,8 +53,8 @@ TARGETS: Final = {
 
 # The child process: instrument the engine's modules (not this one) before importing them.
 # This package is left out: only the engine's own code should steer the fuzzer.
-_FUZZ_MODULES: Final = ["engine._fuzz"] + [
-    f"engine._fuzz.{m}" for m in ("_cli", "_core", "_gen", "_http", "_targets")
+_FUZZ_MODULES: Final = ["engine.cli.fuzz"] + [
+    f"engine.cli.fuzz.{m}" for m in ("_cli", "_core", "_gen", "_http", "_targets")
 ]
 _WORKER: Final = f"""\
 import sys
@@ -65,7 +65,7 @@ with atheris.instrument_imports(include=["engine"], exclude={_FUZZ_MODULES!r}):
         import engine.fastapi
     except ImportError:
         pass
-from engine._fuzz._cli import worker
+from engine.cli.fuzz._cli import worker
 sys.exit(worker(sys.argv[1:]))
 """
 
@@ -81,7 +81,7 @@ def _scan(clients: list[Any], prefixes: Sequence[str]) -> list[bytes]:
 
 def delete_prefixes(url: str, prefixes: Sequence[str]) -> int:
     """Delete every key under the prefixes on every primary; returns how many."""
-    from ..testing import delete_prefix  # noqa: PLC0415 (only the Redis targets need it)
+    from ...testing import delete_prefix  # noqa: PLC0415 (only the Redis targets need it)
 
     return sum(delete_prefix(url, p) for p in prefixes)
 
@@ -89,7 +89,7 @@ def delete_prefixes(url: str, prefixes: Sequence[str]) -> int:
 def _setup(target: str, url: str | None, prefix: str) -> Callable[[bytes], None]:
     """Build the target's state once and return libFuzzer's ``TestOneInput``."""
     atheris: Any = importlib.import_module("atheris")
-    from .._engine import SessionEngine  # noqa: PLC0415
+    from ..._engine import SessionEngine  # noqa: PLC0415
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -121,7 +121,7 @@ def _setup(target: str, url: str | None, prefix: str) -> Callable[[bytes], None]
             EngineSettings(url=url, key_prefix=f"{prefix}o", chat_owned_by_sessions=True, **fields)
         ).open()
     )
-    from ..testing import primary_clients  # noqa: PLC0415 (only the Redis targets need it)
+    from ...testing import primary_clients  # noqa: PLC0415 (only the Redis targets need it)
 
     clients: list[Any] = primary_clients(url)
     prefixes = (prefix, f"{prefix}o")
@@ -141,7 +141,7 @@ def _setup(target: str, url: str | None, prefix: str) -> Callable[[bytes], None]
 
 def worker(argv: list[str]) -> int:
     """The child: ``TARGET [--url URL --prefix P] -- libFuzzer arguments``."""
-    parser = argparse.ArgumentParser(prog="engine._fuzz worker")
+    parser = argparse.ArgumentParser(prog="engine.cli.fuzz worker")
     parser.add_argument("target", choices=sorted(TARGETS))
     parser.add_argument("--url")
     parser.add_argument("--prefix", default="fuzz")
@@ -153,19 +153,18 @@ def worker(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m engine fuzz TARGET [--seconds N]``."""
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``python -m engine fuzz``; the targets listed in its help."""
     targets = "\n".join(
         f"  {name:<9}{'(Redis) ' if t.redis else ''}{t.text}" for name, t in TARGETS.items()
     )
-    parser = argparse.ArgumentParser(
-        prog="python -m engine fuzz",
-        description="Coverage-guided fuzzing (atheris/libFuzzer) of the engine's public "
-        "entries: each input must get a clear engine error or a correct result, never "
-        "another exception, never a write after a refusal, never a secret in an error.",
-        epilog=f"targets:\n{targets}\n  all      every target in turn",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser.description = (
+        "Coverage-guided fuzzing (atheris/libFuzzer) of the engine's public entries: each "
+        "input must get a clear engine error or a correct result, never another exception, "
+        "never a write after a refusal, never a secret in an error."
     )
+    parser.epilog = f"targets:\n{targets}\n  all      every target in turn"
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("target", choices=[*TARGETS, "all"])
     parser.add_argument("--seconds", type=int, default=10, help="per target (default 10)")
     parser.add_argument("--runs", type=int, help="stop after this many inputs instead")
@@ -175,7 +174,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--reproduce", metavar="FILE", help="run one saved input and stop")
     parser.add_argument("--seed", type=int, help="libFuzzer's random seed (default: random)")
-    args = parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m engine fuzz TARGET [--seconds N]`` from Python."""
+    from .. import main as cli_main  # noqa: PLC0415 - the one parser
+
+    return cli_main(["fuzz", *(sys.argv[2:] if argv is None else argv)])
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Run the chosen targets, each in an instrumented child process."""
     if importlib.util.find_spec("atheris") is None:
         print("atheris is not installed: pip install 'redis-session-engine[dev]'", file=sys.stderr)
         return 2
@@ -197,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         url = args.url
         if url is None and any(TARGETS[n].redis for n in names):
-            from ..testing import LocalCluster  # noqa: PLC0415
+            from ...testing import LocalCluster  # noqa: PLC0415
 
             url = stack.enter_context(LocalCluster(primaries=3, replicas_per_primary=0)).url
         for name in names:

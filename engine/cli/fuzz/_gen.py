@@ -11,8 +11,8 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, RootModel, ValidationError
 
-from .._models import SessionState
-from .._settings import MAX_TTL, EngineSettings
+from ..._models import SessionState
+from ..._settings import MAX_TTL, EngineSettings
 from ._core import ALPHABET, MAX_ID_BYTES, PASSWORD, TOKEN_LEN, Source, b64, pick
 
 

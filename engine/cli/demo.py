@@ -12,17 +12,18 @@ import argparse
 import asyncio
 import contextlib
 import random
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from ._console import Progress, percentile_ms
-from ._engine import SessionEngine
-from ._errors import EngineUnavailable
-from ._keys import slot_of_tag
-from ._run import run
-from ._settings import EngineSettings
-from ._tokens import parse_token
+from .._engine import SessionEngine
+from .._errors import EngineUnavailable
+from .._keys import slot_of_tag
+from .._run import run
+from .._settings import EngineSettings
+from .._tokens import parse_token
+from .console import Progress, percentile_ms
 
 __all__ = ["main"]
 
@@ -133,7 +134,7 @@ class _Timeline:
 async def _failover(
     eng: SessionEngine, cl: object, tokens: Sequence[str], progress: Progress, report: Report
 ) -> None:
-    from .testing import LocalCluster  # noqa: PLC0415 - only when the demo owns a cluster
+    from ..testing import LocalCluster  # noqa: PLC0415 - only when the demo owns a cluster
 
     assert isinstance(cl, LocalCluster)
     victim_tag = parse_token(tokens[0])[0]  # type: ignore[index]
@@ -290,19 +291,21 @@ async def _demo(args: argparse.Namespace, url: str, cl: object | None) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m engine demo", description=__doc__)
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``python -m engine demo`` (on the one parser of the CLI)."""
     parser.add_argument("--url", help="use this cluster instead of starting one")
     parser.add_argument("--sessions", type=int, default=100_000)
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--seconds", type=float, default=5.0, help="full-speed validation time")
     parser.add_argument("--prefix", default="demo", help="key prefix (default: demo)")
     parser.add_argument("--no-failover", action="store_true", help="skip killing a primary")
-    args = parser.parse_args(argv)
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Run the demo; returns the exit code."""
     if args.url:
         return run(_demo(args, args.url, None))
-    from .testing import LocalCluster  # noqa: PLC0415
+    from ..testing import LocalCluster  # noqa: PLC0415
 
     print("starting a local cluster: 3 primaries + 3 replicas ...", flush=True)
     t0 = time.perf_counter()
@@ -311,3 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             return run(_demo(args, cl.url, cl))
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m engine demo ...`` from Python; returns the exit code."""
+    from . import main as cli_main  # noqa: PLC0415 - the one parser
+
+    return cli_main(["demo", *(sys.argv[2:] if argv is None else argv)])

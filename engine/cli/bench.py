@@ -32,15 +32,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ._console import Progress
-from ._console import percentile_ms as _pct
-from ._engine import SessionEngine
-from ._errors import EngineError
-from ._keys import slot_of_tag
-from ._run import run
-from ._scripts import scripts
-from ._settings import EngineSettings
-from ._tokens import parse_token
+from .._engine import SessionEngine
+from .._errors import EngineError
+from .._keys import slot_of_tag
+from .._run import run
+from .._scripts import scripts
+from .._settings import EngineSettings
+from .._tokens import parse_token
+from .console import Progress
+from .console import percentile_ms as _pct
 
 __all__ = ["main"]
 
@@ -422,14 +422,8 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; prints the table, writes JSON with ``--json``."""
-    args_in = list(sys.argv[2:] if argv is None else argv)
-    if "--http" in args_in:  # the HTTP benchmark beside the peers: engine/_httpbench.py
-        from ._httpbench import main as http_main  # noqa: PLC0415
-
-        return http_main([a for a in args_in if a != "--http"])
-    parser = argparse.ArgumentParser(prog="python -m engine bench", description=__doc__)
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``python -m engine bench`` (``--http``: see httpbench.py)."""
     parser.add_argument(
         "--http",
         action="store_true",
@@ -450,16 +444,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--primaries", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m engine bench ...`` from Python; returns the exit code."""
+    from . import main as cli_main  # noqa: PLC0415 - the one parser
+
+    return cli_main(["bench", *(sys.argv[2:] if argv is None else argv)])
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Run the benchmark; prints the table, writes JSON with ``--json``."""
     if args.url:
         result = run(_bench(args, args.url))
     else:
-        from .testing import LocalCluster  # noqa: PLC0415
+        from ..testing import LocalCluster  # noqa: PLC0415
 
         print(f"starting a local cluster ({args.primaries} primaries) ...", file=sys.stderr)
         with LocalCluster(primaries=args.primaries, replicas_per_primary=args.replicas) as cl:
             result = run(_bench(args, cl.url))
-    result["command"] = "python -m engine bench " + " ".join(argv or sys.argv[2:])
+    result["command"] = "python -m engine " + " ".join(args.argv)
     print(render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))

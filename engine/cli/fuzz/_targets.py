@@ -13,11 +13,11 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import ValidationError
 
-from .._engine import SessionEngine
-from .._errors import SessionNotFound
-from .._models import SessionState
-from .._settings import MAX_TTL, EngineSettings
-from .._tokens import parse_token
+from ..._engine import SessionEngine
+from ..._errors import SessionNotFound
+from ..._models import SessionState
+from ..._settings import MAX_TTL, EngineSettings
+from ..._tokens import parse_token
 from ._core import (
     MAX_ID_BYTES,
     MAX_MESSAGE,

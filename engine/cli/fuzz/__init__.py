@@ -44,7 +44,7 @@ Modules: ``_core`` (sources, reference verdicts, ``expect``), ``_gen`` (generato
 ``_targets`` and ``_http`` (one ``check_*`` per target), ``_cli`` (the command).
 """
 
-from ._cli import TARGETS, main
+from ._cli import TARGETS, configure, execute, main
 from ._core import (
     MAX_ID_BYTES,
     MAX_MESSAGE,
@@ -86,6 +86,8 @@ __all__ = [
     "check_settings",
     "check_token",
     "check_url",
+    "configure",
     "engine_fields",
+    "execute",
     "main",
 ]

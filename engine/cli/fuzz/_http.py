@@ -7,10 +7,10 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .._errors import (
+from ..._errors import (
     EngineUnavailable,
 )
-from .._models import Session, SessionState
+from ..._models import Session, SessionState
 from ._core import Source, broken, pick, show, token_ok
 from ._gen import gen_headers
 
@@ -72,7 +72,7 @@ class HttpApp:
     def __init__(self) -> None:
         from fastapi import Depends, FastAPI  # noqa: PLC0415 (an optional extra)
 
-        from .. import fastapi as ef  # noqa: PLC0415
+        from ... import fastapi as ef  # noqa: PLC0415
 
         self.stub = StubEngine()
         # The session cookie's name, from the documented attribute of the default auth.

@@ -15,13 +15,13 @@ from typing import Any, Final, Protocol
 import orjson
 from pydantic import BaseModel
 
-from .._errors import (
+from ..._errors import (
     EngineError,
     InvalidArgument,
     PayloadTooLarge,
     SessionNotFound,
 )
-from .._settings import MAX_TTL
+from ..._settings import MAX_TTL
 
 MIN_TTL: Final = 1.0  # the documented floor of every TTL, in seconds
 ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"

@@ -29,11 +29,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .testing import LocalCluster
+from ..testing import LocalCluster
 
 __all__ = ["EndpointStats", "main", "read_stats"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: engine/cli/ is two below
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 HOST = "127.0.0.1"
 _HEALTH_TIMEOUT = 30.0
@@ -192,7 +192,7 @@ def _delete_prefix(url: str, prefix: str) -> None:
     """Remove the run's keys from a cluster we did not start (best effort)."""
     import redis  # noqa: PLC0415 - only needed with --url
 
-    from .testing import delete_prefix  # noqa: PLC0415
+    from ..testing import delete_prefix  # noqa: PLC0415
 
     try:
         delete_prefix(url, prefix)
@@ -200,11 +200,8 @@ def _delete_prefix(url: str, prefix: str) -> None:
         print(f"warning: could not delete keys under {prefix}: {exc}", file=sys.stderr)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m engine loadtest",
-        description="Load-test the reference service with Locust (all on loopback).",
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``python -m engine loadtest`` (on the one parser of the CLI)."""
     p.add_argument("--users", type=int, default=2000, help="simulated users (2000)")
     p.add_argument("--spawn-rate", type=float, default=200, help="users started per second")
     p.add_argument("--duration", type=int, default=60, help="seconds of load (60)")
@@ -234,17 +231,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--url", help="use this cluster instead of starting a LocalCluster")
     p.add_argument("--out", type=Path, help="directory for the CSV and HTML reports")
-    p.add_argument("--key-prefix", help="ENGINE_KEY_PREFIX (default: a unique one per run)")
-    return p
+    p.add_argument("--prefix", help="key prefix, ENGINE_KEY_PREFIX (default: a unique one per run)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m engine loadtest ...`` from Python; returns the exit code."""
+    from . import main as cli_main  # noqa: PLC0415 - the one parser
+
+    return cli_main(["loadtest", *(sys.argv[2:] if argv is None else argv)])
+
+
+def execute(args: argparse.Namespace) -> int:
     """Run one load test; the exit code is 0 only when Locust saw no failure.
 
     Args:
         argv: Arguments after ``loadtest`` (see ``--help``).
     """
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.users < 1 or args.duration < 1 or args.workers < 1 or args.spawn_rate <= 0:
         print("error: --users, --spawn-rate, --duration and --workers must be positive")
         return 2
@@ -259,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out: Path = args.out or Path(tempfile.mkdtemp(prefix="engine-loadtest-"))
     out.mkdir(parents=True, exist_ok=True)
-    prefix = args.key_prefix or f"lt{uuid.uuid4().hex[:8]}"
+    prefix = args.prefix or f"lt{uuid.uuid4().hex[:8]}"
     started: list[subprocess.Popen[bytes]] = []
     t_start = time.monotonic()
     try:

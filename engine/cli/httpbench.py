@@ -50,11 +50,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .testing import LocalCluster
+from ..testing import LocalCluster
 
 __all__ = ["SYSTEMS", "main", "parse_wrk"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: engine/cli/ is two below
 APPS_DIR = ROOT / "loadtest" / "peers"
 HOST = "127.0.0.1"
 _READY_TIMEOUT = 30.0
@@ -586,11 +586,8 @@ def _git_commit(path: str) -> str:
     return out.stdout.strip() or "?"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m engine bench --http",
-        description="GET /bare and GET /me under wrk for the engine and its peers, one run.",
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``python -m engine bench --http`` (on the one parser of the CLI)."""
     p.add_argument("--seconds", type=int, default=5, help="per wrk run under load (5)")
     p.add_argument("--seq-seconds", type=int, default=3, help="per sequential run (3)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up per endpoint, seconds (1)")
@@ -614,7 +611,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--primaries", type=int, default=3)
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--json", type=Path, help="write the results here")
-    return p
 
 
 @contextlib.contextmanager
@@ -627,8 +623,14 @@ def _running(servers: list[Server]) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m engine bench --http ...`` from Python; returns the exit code."""
+    from . import main as cli_main  # noqa: PLC0415 - the one parser
+
+    return cli_main(["bench", "--http", *(sys.argv[2:] if argv is None else argv)])
+
+
+def execute(args: argparse.Namespace) -> int:
     """Run the HTTP benchmark; prints the tables, writes JSON with ``--json``."""
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if min(args.seconds, args.seq_seconds, args.warmup, args.rounds, args.connections) < 1:
         print("error: --seconds, --seq-seconds, --warmup, --rounds, --connections >= 1")
         return 2
@@ -750,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.measure()
     keys = [s.system.key for s in ready]
     result: dict[str, Any] = {
-        "command": "python -m engine bench --http " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m engine " + " ".join(args.argv),
         "machine": _machine(redis_server, wrk),
         "connections": args.connections,
         "seconds": args.seconds,
