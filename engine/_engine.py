@@ -559,7 +559,7 @@ class SessionEngine:
                 reply = await fut
             except Exception as exc:  # the transport's own failure type: call() decides
                 reply = exc
-        if fut is None or type(reply) is ReplyError or isinstance(reply, Exception):
+        if fut is None or (type(reply) is not list and isinstance(reply, Exception)):
             # Slow path: redirects, NOSCRIPT, reconnects, retries, back-pressure; it carries
             # on from the first try's outcome rather than sending the command again first.
             try:

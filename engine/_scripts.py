@@ -55,12 +55,11 @@ def lua_dir() -> Path:
 def scripts() -> dict[str, Script]:
     """All scripts by name, loaded once per process."""
     folder = lua_dir()
-    layout = lua_layout().encode()
-    prelude = (folder / "_prelude.lua").read_bytes()
+    prelude = (folder / "_prelude.lua").read_text()
     out: dict[str, Script] = {}
     for name in SCRIPT_NAMES:
-        body = (folder / f"{name}.lua").read_bytes()
-        shared = layout if name in _WITHOUT_PRELUDE else layout + prelude + b"\n"
-        source = shared + body
+        body = (folder / f"{name}.lua").read_text()
+        code = body if name in _WITHOUT_PRELUDE else prelude + "\n" + body
+        source = (lua_layout(used_by=code) + code).encode()
         out[name] = Script(name, source, hashlib.sha1(source).hexdigest().encode())
     return out

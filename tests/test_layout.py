@@ -18,10 +18,15 @@ def test_header_fields_are_contiguous_and_end_at_the_header_length() -> None:
     assert at == HEADER_LEN
 
 
-def test_every_script_starts_with_the_generated_layout() -> None:
-    layout = lua_layout().encode()
+def test_every_script_starts_with_the_generated_layout_it_uses() -> None:
+    full = lua_layout().splitlines()
     for name, script in scripts().items():
-        assert script.source.startswith(layout), name
+        source = script.source.decode()
+        header = lua_layout(used_by=source)  # declares only names the script uses
+        assert source.startswith(header), name
+        assert set(header.splitlines()) <= set(full), name
+    validate = scripts()["validate"].source.decode()
+    assert "F_IDLE" in validate and "PACK_FORMAT" not in validate
 
 
 def test_no_script_writes_an_offset_or_a_key_part_of_its_own() -> None:

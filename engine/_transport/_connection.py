@@ -150,17 +150,31 @@ class Connection(asyncio.Protocol):
         loop tick's single write (implicit pipelining).
         """
         fut: asyncio.Future[Any] = self.loop.create_future()
-        if not self.pending and not self._wbuf and self.alive and self._transport is not None:
-            self.pending.append((fut, deadline))
-            self.min_deadline = min(self.min_deadline, deadline)
+        pending = self.pending
+        idle = not pending and not self._wbuf
+        pending.append((fut, deadline))
+        if deadline < self.min_deadline:  # noqa: PLR1730 - cheaper than min() per command
+            self.min_deadline = deadline
+        if idle and self.alive and self._transport is not None:
             self._transport.write(packed)
             return fut
-        self._queue(fut, packed, deadline)
+        # Inlined _queue: this is the hot path of every validation under load.
+        self._wbuf.append(packed)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
         return fut
 
     def send_to(self, sink: Sink, packed: bytes, deadline: float) -> None:
         """Queue one command of a bulk round; its reply goes to ``sink``."""
-        self._queue(sink, packed, deadline)
+        # Inlined _queue: called once per token of a validate_many.
+        self.pending.append((sink, deadline))
+        if deadline < self.min_deadline:  # noqa: PLR1730
+            self.min_deadline = deadline
+        self._wbuf.append(packed)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
 
     def send_durable(
         self, packed: bytes, deadline: float, wait: bytes
