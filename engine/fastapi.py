@@ -153,6 +153,7 @@ Example (a complete app; run ``ENGINE_URL=redis://127.0.0.1:7000 uvicorn example
 # No `from __future__ import annotations`: FastAPI reads the dependencies' annotations at
 # runtime (the signature of each dependency's __call__ is what it solves).
 
+import gc
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -242,6 +243,7 @@ def engine_lifespan(
     settings: EngineSettings | None = None,
     *,
     engine: SessionEngine | None = None,
+    freeze_gc: bool = False,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """A FastAPI ``lifespan`` that opens a ``SessionEngine`` for the app's lifetime.
 
@@ -260,6 +262,12 @@ def engine_lifespan(
         settings: Engine settings; ``EngineSettings()`` (read from ``ENGINE_*`` variables
             at startup, not at import) when omitted.
         engine: An engine you built yourself (not yet opened) instead of ``settings``.
+        freeze_gc: Once the engine is open, ``gc.collect()`` then ``gc.freeze()``: what
+            start-up made (modules, the app, its routes, the engine) is never walked again
+            by the garbage collector's full collections, which otherwise cost tens of
+            milliseconds each under load and make the p99 of an endpoint (``bench.md``,
+            section 6). Process-wide, so it is your call: turn it on in a service whose
+            start-up is done when the lifespan enters (the usual case).
 
     Returns:
         A callable to pass as ``FastAPI(lifespan=...)``.
@@ -273,6 +281,9 @@ def engine_lifespan(
         document_cookie_auth(app)
         async with eng:
             setattr(app.state, STATE_ATTRIBUTE, eng)
+            if freeze_gc:
+                gc.collect()
+                gc.freeze()
             try:
                 yield
             finally:

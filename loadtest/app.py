@@ -183,7 +183,9 @@ def create_app(settings: EngineSettings | None = None) -> FastAPI:
     auth = SessionAuth(cookie_secure=secure, csrf=_env_flag("APP_CSRF"))
     current_session = Annotated[Session, Depends(auth.require_session)]
     current_token = Annotated[str, Depends(auth.current_token)]
-    app = FastAPI(title="session engine reference service", lifespan=engine_lifespan(settings))
+    app = FastAPI(
+        title="session engine reference service", lifespan=engine_lifespan(settings, freeze_gc=True)
+    )
     install_error_handlers(app, realm=auth.realm)
     app.add_middleware(_LatencyMiddleware, histogram=histogram)
 

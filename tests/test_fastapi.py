@@ -417,3 +417,19 @@ async def test_openapi_declares_bearer_and_cookie_schemes(
     document_cookie_auth(offline)  # twice is harmless
     security = offline.openapi()["paths"]["/me"]["get"]["security"]
     assert security == [{"HTTPBearer": []}, {"APIKeyCookie": []}]
+
+
+async def test_freeze_gc_freezes_what_start_up_made_only_when_asked(
+    cluster_url: str, prefix: str
+) -> None:
+    import gc
+
+    settings = EngineSettings(url=cluster_url, key_prefix=prefix)
+    for freeze, frozen in ((False, False), (True, True)):
+        gc.unfreeze()
+        app = FastAPI(lifespan=engine_lifespan(settings, freeze_gc=freeze))
+        try:
+            async with app.router.lifespan_context(app):
+                assert (gc.get_freeze_count() > 0) is frozen
+        finally:
+            gc.unfreeze()  # the rest of the test run collects as usual

@@ -1,11 +1,14 @@
 """This engine, wired as its README shows: ``engine_lifespan`` + ``require_session``.
 
 ``ENGINE_URL`` (a cluster node) and ``ENGINE_KEY_PREFIX`` come from the environment; nothing
-is cached in the process: every ``/me`` validates its token in Redis.
+is cached in the process: every ``/me`` validates its token in Redis. ``freeze_gc=True``
+as the README recommends for latency-critical services, where the engine under test has
+it (an older checkout measured with ``--engine-old`` may not).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Response
@@ -14,7 +17,10 @@ from pydantic import BaseModel
 from engine import Session, SessionEngine
 from engine.fastapi import engine_lifespan, get_engine, require_session, set_session_cookie
 
-app = FastAPI(lifespan=engine_lifespan())
+_FREEZE = (
+    {"freeze_gc": True} if "freeze_gc" in inspect.signature(engine_lifespan).parameters else {}
+)
+app = FastAPI(lifespan=engine_lifespan(**_FREEZE))
 
 
 class Login(BaseModel):
