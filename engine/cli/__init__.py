@@ -12,8 +12,12 @@ import importlib
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["CHECKOUT", "COMMANDS", "main"]
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+"""The repository checkout the tools run from (loadtest/, docker/ live there)."""
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("engine.cli.demo", "the engine on a local six-node cluster, in about a minute"),

@@ -51,10 +51,11 @@ from pathlib import Path
 from typing import Any
 
 from ..testing import LocalCluster
+from . import CHECKOUT
 
 __all__ = ["SYSTEMS", "main", "parse_wrk"]
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout: engine/cli/ is two below
+ROOT = CHECKOUT
 APPS_DIR = ROOT / "loadtest" / "peers"
 HOST = "127.0.0.1"
 _READY_TIMEOUT = 30.0

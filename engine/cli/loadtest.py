@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..testing import LocalCluster
+from . import CHECKOUT
 
 __all__ = ["EndpointStats", "main", "read_stats"]
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout: engine/cli/ is two below
+ROOT = CHECKOUT
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 HOST = "127.0.0.1"
 _HEALTH_TIMEOUT = 30.0
