@@ -54,8 +54,10 @@ def test_every_public_name_is_defined_and_documented() -> None:
 
 
 def test_no_private_module_leaks_a_public_name() -> None:
-    public = {n for n in dir(engine) if not n.startswith("_")}
-    modules = {"cluster", "fastapi"}  # submodules imported explicitly by users
+    # "@py_builtins" and the like: pytest rewrites the asserts of a plugin's package (ours
+    # is registered as one) and leaves these names behind; they are not ours.
+    public = {n for n in dir(engine) if not n.startswith(("_", "@"))}
+    modules = {"cli", "cluster", "fastapi", "testing"}  # subpackages users import themselves
     assert public - set(engine.__all__) - modules <= {"annotations"}
 
 
