@@ -318,7 +318,7 @@ class SessionEngine:
         deadline: float | None = None,
     ) -> Any:
         if deadline is None:
-            deadline = self.write_deadline() if then is not None else None
+            deadline = self._write_deadline() if then is not None else None
         try:
             return await self.transport.call(
                 slot_of_tag(tag),
@@ -332,7 +332,7 @@ class SessionEngine:
             self._metrics.errors += 1
             raise
 
-    def write_deadline(self) -> float:
+    def _write_deadline(self) -> float:
         """The loop time by which a write (and its WAIT, if any) must be answered.
 
         A durable write may wait for the WAIT in flight on its connection, then its own
@@ -458,7 +458,8 @@ class SessionEngine:
         Raises:
             InvalidArgument: bad user id, state or TTL. PayloadTooLarge: data too large.
             SessionLimitExceeded: the user is at ``max_sessions_per_user`` and the policy
-                is ``refuse``. EngineUnavailable: Redis did not confirm the write.
+                is ``refuse``. EngineUnavailable: nothing was written (OutcomeUnknown: the
+                reply was lost; a session may exist that nobody holds the token of).
             ReplicationIncomplete: ``wait_replicas`` not met (the session exists).
         """
         if not isinstance(state, SessionState):
@@ -677,6 +678,8 @@ class SessionEngine:
             SessionNotFound: the session is gone (or the token is malformed).
             SessionConflict: ``expected_version`` is not the stored version.
             PayloadTooLarge / InvalidArgument: refused before any write.
+            OutcomeUnknown: the reply was lost; the update may or may not have been applied
+                (it is not sent again).
         """
         parsed = parse_token(token)
         if parsed is None:
@@ -857,7 +860,7 @@ class SessionEngine:
         try's result, or ``None`` after a lost reply when the second try found nothing to
         do (the first may have done it), else the second try's result.
         """
-        deadline = self.write_deadline()
+        deadline = self._write_deadline()
         try:
             return await self._write(
                 script, tag, keys, args, convert, operation=operation, deadline=deadline
