@@ -9,7 +9,15 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["MAX_TTL", "MIN_TTL", "EngineSettings", "RedisURL", "parse_url", "redact_url"]
+__all__ = [
+    "MAX_TTL",
+    "MIN_TTL",
+    "EngineSettings",
+    "RedisURL",
+    "parse_seeds",
+    "parse_url",
+    "redact_url",
+]
 
 MAX_TTL = 10 * 365 * 86400.0
 """Ten years, in seconds: the longest idle or absolute TTL a session can have."""
@@ -21,13 +29,15 @@ MIN_TIMEOUT = 0.001
 
 
 def redact_url(url: str) -> str:
-    """``url`` with everything between ``://`` and the last ``@`` but the user name
-    replaced by ``***`` (for reprs, logs and error texts).
+    """``url`` (or a comma-separated list of them) with everything between ``://`` and the
+    last ``@`` but the user name replaced by ``***`` (for reprs, logs and error texts).
 
     Deliberately cruder than a URL parser: a password may hold an unencoded ``#``, ``?``
     or ``/`` that a parser would take for the start of a fragment, query or path, and
     show. Over-redacting an odd URL costs nothing; showing a password does.
     """
+    if "," in url:
+        return ",".join(redact_url(part) for part in url.split(","))
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
@@ -36,6 +46,19 @@ def redact_url(url: str) -> str:
         return url
     user = credentials.split(":", 1)[0] if ":" in credentials else ""
     return f"{scheme}{sep}{user}:***@{host}"
+
+
+def parse_seeds(url: str) -> list[RedisURL]:
+    """Several seeds, comma-separated (``redis://a:7000,redis://b:7000``), each parsed by
+    ``parse_url``: the engine starts from the first that answers. They must agree on TLS.
+
+    Raises:
+        ValueError: one does not parse, or they mix ``redis://`` and ``rediss://``.
+    """
+    seeds = [parse_url(part.strip()) for part in url.split(",")]
+    if len({seed.tls for seed in seeds}) > 1:
+        raise ValueError("the seeds mix redis:// and rediss://")
+    return seeds
 
 
 class RedisURL(NamedTuple):
@@ -95,7 +118,10 @@ class EngineSettings(BaseSettings):
 
     url: str = Field(
         default="redis://127.0.0.1:6379",
-        description="One node of the cluster, or the single server. Cluster mode is detected.",
+        description=(
+            "A node of the cluster (or the single server); several, comma-separated, and "
+            "the engine starts from the first that answers. Cluster mode is detected."
+        ),
     )
     username: str | None = None
     password: SecretStr | None = None
@@ -214,7 +240,7 @@ class EngineSettings(BaseSettings):
     @field_validator("url")
     @classmethod
     def _url_parses(cls, url: str) -> str:
-        parse_url(url)
+        parse_seeds(url)
         return url
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:

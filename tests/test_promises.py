@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
-from helpers import all_keys, open_engine
+from helpers import all_keys, delete_prefix, open_engine
 from lossy_proxy import LossyProxy
 from pydantic import BaseModel, ConfigDict, RootModel, ValidationError
 
@@ -327,3 +327,29 @@ async def test_states_argument_still_checked(engine: SessionEngine) -> None:
     new = await engine.create(user_id="liz", state=SessionState.PENDING)
     assert await engine.validate(new.token) is None
     assert await engine.validate(new.token, states={SessionState.PENDING}) is not None
+
+
+# -- several seeds --------------------------------------------------------------------------
+
+
+async def test_startup_succeeds_while_any_seed_answers(cluster_url: str, prefix: str) -> None:
+    dead = "redis://127.0.0.1:1"  # nothing listens on port 1: refused at once
+    settings = EngineSettings(url=f"{dead}, {cluster_url}", key_prefix=prefix)
+    try:
+        async with SessionEngine(settings) as eng:
+            new = await eng.create(user_id="seeds")
+            assert await eng.validate(new.token) is not None
+    finally:
+        await asyncio.to_thread(delete_prefix, cluster_url, prefix)
+
+
+async def test_no_seed_answering_is_a_clear_error_without_passwords() -> None:
+    url = "redis://:hunter2@127.0.0.1:1,redis://:hunter3@127.0.0.1:2"
+    with pytest.raises(EngineUnavailable, match="no seed answered") as down:
+        await SessionEngine(url=url, connect_timeout=0.2).open()
+    assert "hunter2" not in str(down.value) and "hunter3" not in str(down.value)
+    shown = repr(EngineSettings(url=url))
+    assert "hunter2" not in shown and "hunter3" not in shown
+    assert "127.0.0.1:1" in shown and "127.0.0.1:2" in shown
+    with pytest.raises(ValidationError):
+        EngineSettings(url="redis://127.0.0.1:1,rediss://127.0.0.1:2")

@@ -26,8 +26,8 @@ from .._errors import (
 from .._keys import SLOTS
 from .._lifecycle import State
 from .._scripts import Script
-from .._settings import parse_url, redact_url
-from ._connection import CallFailed, Reply, Sink, pack
+from .._settings import parse_seeds, redact_url
+from ._connection import CallFailed, Connection, Reply, Sink, pack
 from ._node import Node
 
 __all__ = ["Transport", "TransportOptions", "evalsha_to_eval"]
@@ -98,9 +98,10 @@ class Transport:
 
     def __init__(self, options: TransportOptions) -> None:
         try:
-            seed = parse_url(options.url)
+            seeds = parse_seeds(options.url)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
+        seed = seeds[0]
         self.options = options
         self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
         self.cluster = False
@@ -119,9 +120,9 @@ class Transport:
         self.ssl = options.ssl
         if seed.tls and self.ssl is None:
             self.ssl = ssl.create_default_context()  # verify against the system's CAs
-        self._seed = (seed.host, seed.port)
-        username = options.username or seed.username
-        password = options.password or seed.password
+        self._seeds = [(s.host, s.port) for s in seeds]
+        username = options.username or next((s.username for s in seeds if s.username), None)
+        password = options.password or next((s.password for s in seeds if s.password), None)
         self.handshake: list[bytes] = []
         if password:
             auth = ("AUTH", username, password) if username else ("AUTH", password)
@@ -146,10 +147,8 @@ class Transport:
         # The watchdog runs from the start, so discovery cannot hang on a seed that accepts
         # the connection and then stops answering.
         self._watchdog = self.loop.call_later(_WATCHDOG_INTERVAL, self._watch)
-        seed = self._node(*self._seed)
+        seed, conn, reply = await self._first_seed()
         deadline = self.loop.time() + max(self.options.connect_timeout, 2.0)
-        conn = await seed.connection(deadline)
-        reply = await self._wait(conn.send(pack(("CLUSTER", "SLOTS")), deadline))
         if isinstance(reply, ReplyError):
             # "ERR This instance has cluster support disabled": one plain server.
             self.cluster = False
@@ -168,6 +167,21 @@ class Transport:
         await self.load_scripts(deadline)
         if self.cluster:
             self._background = self.loop.create_task(self._background_refresh())
+
+    async def _first_seed(self) -> tuple[Node, Connection, Reply]:
+        """The first seed, in the order given, that answers CLUSTER SLOTS (an error reply
+        counts: a plain server); each gets ``max(connect_timeout, 2 s)`` of its own."""
+        failures: list[str] = []
+        for host, port in self._seeds:
+            node = self._node(host, port)
+            deadline = self.loop.time() + max(self.options.connect_timeout, 2.0)
+            try:
+                conn = await node.connection(deadline)
+                slots = pack(("CLUSTER", "SLOTS"))
+                return node, conn, await self._wait(conn.send(slots, deadline))
+            except EngineUnavailable as exc:
+                failures.append(str(exc))
+        raise EngineUnavailable(f"no seed answered: {'; '.join(failures)}")
 
     async def aclose(self) -> None:
         """Close every connection; pending calls fail with ``EngineUnavailable``."""
