@@ -30,7 +30,7 @@ MIN_TIMEOUT = 0.001
 
 def redact_url(url: str) -> str:
     """``url`` (or a comma-separated list of them) with everything between ``://`` and the
-    last ``@`` but the user name replaced by ``***`` (for reprs, logs and error texts).
+    last ``@`` replaced by ``***`` (for reprs, logs and error texts).
 
     Deliberately cruder than a URL parser: a password may hold an unencoded ``#``, ``?``
     or ``/`` that a parser would take for the start of a fragment, query or path, and
@@ -41,11 +41,12 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
-    credentials, at, host = rest.rpartition("@")
+    _, at, host = rest.rpartition("@")
     if not at:
         return url
-    user = credentials.split(":", 1)[0] if ":" in credentials else ""
-    return f"{scheme}{sep}{user}:***@{host}"
+    # The user name goes too: `redis://hunter2@host` (a password without its colon) is a
+    # common slip, and a URL parser reads it as a user name.
+    return f"{scheme}{sep}***@{host}"
 
 
 def parse_seeds(url: str) -> list[RedisURL]:
@@ -82,9 +83,10 @@ def parse_url(url: str) -> RedisURL:
         ValueError: with a message that never contains the password.
     """
     try:
+        url.encode("utf-8")  # a lone surrogate would only fail when sent (in AUTH)
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port
-    except ValueError:
+    except (ValueError, UnicodeError):
         raise ValueError(f"not a valid Redis URL: {redact_url(url)!r}") from None
     if parts.scheme not in ("redis", "rediss"):
         raise ValueError("the URL must start with redis:// or rediss://")

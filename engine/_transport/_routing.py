@@ -126,7 +126,10 @@ class Transport:
         self.handshake: list[bytes] = []
         if password:
             auth = ("AUTH", username, password) if username else ("AUTH", password)
-            self.handshake.append(pack(auth))
+            try:
+                self.handshake.append(pack(auth))
+            except UnicodeError:  # never echo the credentials
+                raise InvalidArgument("the username or password is not valid UTF-8") from None
         self._db = seed.db
         self.handshake.append(pack(("PING",)))
 
