@@ -261,7 +261,6 @@ class SessionEngine:
         convert: Callable[[Any, int | None], T],
         *,
         operation: str,
-        idempotent: bool = False,
         deadline: float | None = None,
     ) -> T:
         """Run a writing script, then ``WAIT`` (on the node's durable connection) if
@@ -270,14 +269,15 @@ class SessionEngine:
         ``convert(reply, acknowledged)`` turns the reply into the call's result (and raises
         for replies that wrote nothing, e.g. "not found"). When fewer replicas than asked
         acknowledged, ``ReplicationIncomplete`` carries that result: the write happened.
-        Writes are not sent again after a lost reply unless ``idempotent``.
+        Never sent again after a lost reply (``OutcomeUnknown``); deletes, which may be, go
+        through ``_write_resending_once``.
         """
         then = self._wait
         reply = await self._call(
             tag,
             _evalsha(script, keys, args),
             script=script,
-            idempotent=idempotent,
+            idempotent=False,
             then=then,
             deadline=deadline,
         )
@@ -1009,15 +1009,13 @@ class SessionEngine:
         self._keys.check_id(user_id, "user_id")
         self._keys.check_id(room_id, "room_id")
         tag = self._keys.user_tag(user_id)
-        await self._write(
+        await self._write_resending_once(
             self._scripts["chat_clear"],
             tag,
             [self._keys.chat(tag, user_id, room_id), self._keys.user_rooms(tag, user_id)],
             (self._keys.encode_id(room_id),),
             lambda reply, _: None,
             operation="chat_clear",
-            # A delete: sending it again after a lost reply cannot bring anything back.
-            idempotent=True,
         )
 
     # -- health and stats -------------------------------------------------------------
