@@ -227,6 +227,28 @@ class EngineSettings(BaseSettings):
     )
     wait_timeout: float = Field(default=0.5, ge=MIN_TIMEOUT, le=3600)
 
+    local_cache_size: int = Field(
+        default=0,
+        ge=0,
+        le=10_000_000,
+        description=(
+            "Sessions kept in this process after a validation (0: off). A hit answers "
+            "validate without Redis; every change anywhere drops it (server-assisted "
+            "invalidation, CLIENT TRACKING). About 1-2 KiB per entry: see bench.md."
+        ),
+    )
+    local_cache_max_staleness: float = Field(
+        default=0.5,
+        ge=0.05,
+        le=60,
+        description=(
+            "The longest a change made elsewhere may go unseen by this process's local "
+            "cache in any failure (lost messages, a paused or cut-off node): a node's "
+            "entries are served only this long after its last answered liveness probe "
+            "(sent every quarter of it)."
+        ),
+    )
+
     token_memo_size: int = Field(
         default=65_536,
         ge=0,

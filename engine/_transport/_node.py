@@ -68,6 +68,8 @@ class Node:
             self.durable_conn = None
         if self.conn is conn:
             self.conn = None
+            for listener in self.owner.connection_listeners:
+                listener(self)
             if not self.owner.closing:
                 self.owner.request_refresh()
 

@@ -11,7 +11,7 @@ import contextlib
 import random
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -116,6 +116,9 @@ class Transport:
         self._background: asyncio.Task[None] | None = None
         self._scripts: dict[bytes, Script] = {}
         self.refreshes = 0  # topology refreshes done (tests check bursts cause few)
+        # Called with the node whose main connection was lost (the local cache listens:
+        # what that connection tracked is gone with it).
+        self.connection_listeners: list[Callable[[Node], None]] = []
         self.redirects = {"MOVED": 0, "ASK": 0}
         self.ssl = options.ssl
         if seed.tls and self.ssl is None:
@@ -493,6 +496,7 @@ class Transport:
         *,
         script: Script | None = None,
         deadline: float | None = None,
+        direct: list[bool] | None = None,
     ) -> list[Any]:
         """Send many idempotent commands at once; replies in input order.
 
@@ -502,6 +506,9 @@ class Transport:
         NOSCRIPT items are sent again in bulk once the scripts are reloaded; items that got
         a redirect or a retry-later reply are retried one by one through ``call``. Never
         raises for a single item: a failed item's place holds an ``EngineUnavailable``.
+        ``direct``, if given (one ``True`` per item), gets ``False`` for the items retried
+        through ``call``, whose reply may come from another node than the slot's at the
+        start (the local cache stores only direct replies).
         """
         if self._state is not State.OPEN:
             raise EngineUnavailable("the transport is not open")
@@ -522,6 +529,9 @@ class Transport:
             ):
                 results[i] = r
         retry = [i for i, r in enumerate(results) if _needs_retry(r)]
+        if direct is not None:
+            for i in retry:
+                direct[i] = False
         if retry and loop.time() < deadline:
 
             async def again(i: int) -> None:
