@@ -11,6 +11,7 @@ import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -36,10 +37,8 @@ def slot_of_token(token: str) -> int:
 
 
 @asynccontextmanager
-async def tls_engine(cl: LocalCluster, **fields: object) -> AsyncIterator[SessionEngine]:
-    settings = EngineSettings(
-        url=cl.url, tls_ca_file=str(cl.ca_file), key_prefix="tlscl", **fields
-    )
+async def tls_engine(cl: LocalCluster, **fields: Any) -> AsyncIterator[SessionEngine]:
+    settings = EngineSettings(url=cl.url, tls_ca_file=str(cl.ca_file), key_prefix="tlscl", **fields)
     async with SessionEngine(settings) as eng:
         yield eng
 
@@ -99,7 +98,7 @@ async def test_moved_is_followed_over_tls(cl: LocalCluster) -> None:
 
 async def test_untrusted_ca_fails_closed(cl: LocalCluster) -> None:
     eng = SessionEngine(EngineSettings(url=cl.url, key_prefix="tlscl", connect_timeout=0.5))
-    with pytest.raises(EngineUnavailable, match="CERTIFICATE_VERIFY_FAILED|certificate"):
+    with pytest.raises(EngineUnavailable, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
         await eng.open()
     await eng.aclose()
 

@@ -10,7 +10,7 @@ import asyncio
 import random
 from typing import TYPE_CHECKING, Final
 
-from .._errors import EngineUnavailable, ReplyError
+from .._errors import EngineError, EngineUnavailable, ReplyError, permission_denied
 from ._connection import CallFailed, Connection
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class Node:
             raise EngineUnavailable(f"connecting to {self.name} was cancelled (closing)")
         try:
             return task.result()
-        except EngineUnavailable:
+        except EngineError:  # EngineUnavailable, or PermissionDenied from the handshake
             raise
         except Exception as exc:  # pragma: no cover - _connect maps its errors
             raise EngineUnavailable(f"cannot connect to {self.name}: {exc!r}") from exc
@@ -135,7 +135,9 @@ class Node:
                     reply = await asyncio.wait_for(fut, opts.connect_timeout)
                     if isinstance(reply, ReplyError):
                         conn.abort(CallFailed(str(reply)))
-                        raise EngineUnavailable(f"{self.name} refused the handshake: {reply}")
+                        raise permission_denied(reply, operation=f"handshake with {self.name}") or (
+                            EngineUnavailable(f"{self.name} refused the handshake: {reply}")
+                        )
             except (OSError, TimeoutError, CallFailed) as exc:
                 if probe is not None:
                     # A probe that connected but got no answer (SIGSTOPped server): close

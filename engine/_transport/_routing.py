@@ -21,6 +21,7 @@ from .._errors import (
     InvalidArgument,
     OutcomeUnknown,
     ReplyError,
+    permission_denied,
     reply_kind,
 )
 from .._keys import SLOTS
@@ -152,6 +153,10 @@ class Transport:
         self._watchdog = self.loop.call_later(_WATCHDOG_INTERVAL, self._watch)
         seed, conn, reply = await self._first_seed()
         deadline = self.loop.time() + max(self.options.connect_timeout, 2.0)
+        if isinstance(reply, ReplyError) and (
+            denied := permission_denied(reply, operation="CLUSTER SLOTS")
+        ):
+            raise denied  # not "a plain server": the ACL user cannot see the slot map
         if isinstance(reply, ReplyError):
             # "ERR This instance has cluster support disabled": one plain server.
             self.cluster = False
@@ -599,7 +604,9 @@ class Transport:
         conn = await node.connection(deadline)
         reply = await self._wait(conn.send(pack(args), deadline))
         if isinstance(reply, ReplyError):
-            raise EngineUnavailable(f"{node.name}: {reply}")
+            raise permission_denied(reply, operation=f"{args[0]} on {node.name}") or (
+                EngineUnavailable(f"{node.name}: {reply}")
+            )
         return reply
 
     async def call_node_many(self, node: Node, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -625,7 +632,9 @@ class Transport:
             for fut in futs:
                 reply = await self._wait(fut)
                 if isinstance(reply, ReplyError):
-                    raise EngineUnavailable(f"SCRIPT LOAD failed on {node.name}: {reply}")
+                    raise permission_denied(reply, operation="SCRIPT LOAD") or (
+                        EngineUnavailable(f"SCRIPT LOAD failed on {node.name}: {reply}")
+                    )
 
         await asyncio.gather(*(load(n) for n in self.primaries()))
 

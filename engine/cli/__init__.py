@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cluster": ("engine.cli.cluster", "up|down|status: a local cluster in the background"),
     "loadtest": ("engine.cli.loadtest", "reference FastAPI service under headless Locust"),
     "drill": ("engine.cli.drill", "SCENARIO: a failover drill under load (kill-primary, ...)"),
+    "acl": (
+        "engine.cli.acl",
+        "the ACL SETUSER rule of a least-privilege engine user (--prefix, --features)",
+    ),
     "fuzz": ("engine.cli.fuzz", "TARGET: coverage-guided fuzzing of the public entries (atheris)"),
 }
 _EXTRAS = "pip install 'redis-session-engine[testing,fastapi,loadtest,charts]'"

@@ -73,7 +73,8 @@ def _openssl(*args: str, cwd: Path) -> None:
             timeout=_OPENSSL_TIMEOUT,
         )
     except subprocess.CalledProcessError as exc:
-        raise HarnessError(f"openssl {args[0]} failed: {exc.stderr.decode(errors='replace')}")
+        detail = exc.stderr.decode(errors="replace")
+        raise HarnessError(f"openssl {args[0]} failed: {detail}") from exc
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise HarnessError(f"openssl {args[0]} failed: {exc!r}") from exc
 
