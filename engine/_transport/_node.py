@@ -114,6 +114,7 @@ class Node:
         loop = owner.loop
         opts = owner.options
         probe: Connection | None = None  # to close if the handshake fails
+        owner.refresh_credentials()  # rotated certificate or password files: used from now
         try:
             try:
                 _, conn = await asyncio.wait_for(

@@ -11,8 +11,9 @@ import contextlib
 import random
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from ssl import SSLContext  # the field named ssl hides the module in the class body
 from typing import Any, Final
 
 from .._errors import (
@@ -57,6 +58,10 @@ class TransportOptions:
     breaker_failures: int = 3
     breaker_reset: float = 0.25
     ssl: ssl.SSLContext | None = None  # for rediss:// (built by the engine from settings)
+    # Asked before every connect, so rotated certificate or password files take effect at
+    # the next reconnect without a restart (engine._credentials).
+    ssl_provider: Callable[[], SSLContext | None] | None = None
+    password_provider: Callable[[], str] | None = None
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -75,6 +80,14 @@ def _public_error(failure: CallFailed, *, idempotent: bool) -> EngineUnavailable
     if idempotent:
         return EngineUnavailable(str(failure))
     return OutcomeUnknown(f"no reply, not sent again: {failure}")
+
+
+def _auth(username: str | None, password: str) -> bytes:
+    auth = ("AUTH", username, password) if username else ("AUTH", password)
+    try:
+        return pack(auth)
+    except UnicodeError:  # never echo the credentials
+        raise InvalidArgument("the username or password is not valid UTF-8") from None
 
 
 def _backoff(attempt: int) -> float:
@@ -124,15 +137,27 @@ class Transport:
         self._seeds = [(s.host, s.port) for s in seeds]
         username = options.username or next((s.username for s in seeds if s.username), None)
         password = options.password or next((s.password for s in seeds if s.password), None)
+        if options.password_provider is not None:
+            password = options.password_provider()
+        self._username = username
+        self._password = password
         self.handshake: list[bytes] = []
         if password:
-            auth = ("AUTH", username, password) if username else ("AUTH", password)
-            try:
-                self.handshake.append(pack(auth))
-            except UnicodeError:  # never echo the credentials
-                raise InvalidArgument("the username or password is not valid UTF-8") from None
+            self.handshake.append(_auth(username, password))  # always first: see below
         self._db = seed.db
         self.handshake.append(pack(("PING",)))
+
+    def refresh_credentials(self) -> None:
+        """Pick up a rotated certificate or password before a connect (the providers
+        re-read their files only once they changed; the last good value otherwise)."""
+        opts = self.options
+        if opts.ssl_provider is not None:
+            self.ssl = opts.ssl_provider()
+        if opts.password_provider is not None:
+            password = opts.password_provider()
+            if password != self._password:
+                self._password = password
+                self.handshake[0] = _auth(self._username, password)
 
     # -- life cycle -------------------------------------------------------------------
 

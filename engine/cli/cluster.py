@@ -51,7 +51,11 @@ def _cluster_state(cl: LocalCluster) -> str:
     for snap in cl.nodes:
         if snap.alive and not snap.paused:
             if not cl.cluster_mode:
-                return "ok (standalone)" if _ping(cl.host, snap.port, tls=cl.tls_files) else "unreachable"
+                return (
+                    "ok (standalone)"
+                    if _ping(cl.host, snap.port, tls=cl.tls_files)
+                    else "unreachable"
+                )
             try:
                 info = _parse_info(cl.run(snap.port, "CLUSTER", "INFO"))
             except (redis.RedisError, OSError):
