@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -125,3 +127,41 @@ def test_tls_context_is_a_real_verifying_context(cl: LocalCluster) -> None:
     context = eng._ssl_context()
     assert context is not None
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+def test_cli_up_tls_status_down(tmp_path: Path) -> None:
+    state_file = tmp_path / "state.json"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "engine", "cluster", *args, "--state-file", str(state_file)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    up = cli("up", "--tls", "--primaries", "1", "--replicas", "1")
+    try:
+        assert up.returncode == 0, up.stderr
+        url, ca_line = up.stdout.splitlines()[:2]
+        assert url.startswith("rediss://")
+        ca_file = ca_line.split("CA to trust: ", 1)[1].split(" ")[0]
+        assert Path(ca_file).is_file()
+        # status re-attaches from the state file and speaks TLS to the nodes.
+        status = cli("status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "cluster_state: ok" in status.stdout
+        attached = LocalCluster.from_state_file(state_file)
+        assert attached.url == url and str(attached.ca_file) == ca_file
+
+        async def use() -> None:
+            settings = EngineSettings(url=url, tls_ca_file=ca_file, key_prefix="tlscli")
+            async with SessionEngine(settings) as eng:
+                assert await eng.validate((await eng.create(user_id="cli")).token) is not None
+
+        asyncio.run(use())
+        assert cli("down").returncode == 0
+    finally:
+        if state_file.exists():  # a failed assertion must not leak servers
+            LocalCluster.from_state_file(state_file).stop()
