@@ -11,7 +11,7 @@ import random
 from typing import TYPE_CHECKING, Final
 
 from .._errors import EngineError, EngineUnavailable, ReplyError, permission_denied
-from ._connection import CallFailed, Connection
+from ._connection import CallFailed, Connection, Reply
 
 if TYPE_CHECKING:
     from ._routing import Transport
@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 __all__ = ["Node"]
 
 _BREAKER_CAP: Final = 2.0  # seconds: the longest a breaker stays open before a probe
+
+
+def _retrieve(fut: asyncio.Future[Reply]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class Node:
@@ -132,6 +137,10 @@ class Node:
                 # TCP connections (the kernel does) but never answers this.
                 deadline = loop.time() + opts.connect_timeout
                 futs = [conn.send(cmd, deadline) for cmd in owner.handshake]
+                for fut in futs:
+                    # A refused or cancelled handshake fails the replies still awaited:
+                    # nobody reads them, so they must not be reported "never retrieved".
+                    fut.add_done_callback(_retrieve)
                 for fut in futs:
                     reply = await asyncio.wait_for(fut, opts.connect_timeout)
                     if isinstance(reply, ReplyError):
