@@ -290,7 +290,7 @@ class Transport:
             try:
                 conn = await node.connection(deadline)
                 reply = await self._wait(conn.send(pack(("CLUSTER", "SLOTS")), deadline))
-            except (EngineUnavailable, CallFailed):
+            except (EngineError, CallFailed):  # PermissionDenied too: a background task
                 continue
             if not isinstance(reply, ReplyError) and self._apply_slots(reply, node):
                 return
