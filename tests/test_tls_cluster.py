@@ -21,7 +21,7 @@ import redis
 from engine import EngineSettings, EngineUnavailable, SessionEngine
 from engine._keys import slot_of_tag
 from engine._tokens import parse_token
-from engine.testing import LocalCluster
+from engine.testing import LocalCluster, delete_prefix, keys_under
 
 pytestmark = pytest.mark.cluster
 
@@ -82,6 +82,11 @@ async def test_engine_contract_over_tls(cl: LocalCluster) -> None:
         await eng.chat_append("tls-user", "room", {"text": "hello"})
         assert len(await eng.chat_history("tls-user", "room")) == 1
         assert await eng.revoke_user("tls-user") >= 1
+        await eng.create(user_id="left-behind")
+    # The harness's key helpers speak TLS too.
+    assert keys_under(cl.url, "tlscl", ca_file=cl.ca_file)
+    assert delete_prefix(cl.url, "tlscl", ca_file=cl.ca_file) > 0
+    assert keys_under(cl.url, "tlscl", ca_file=cl.ca_file) == []
 
 
 async def test_moved_is_followed_over_tls(cl: LocalCluster) -> None:
