@@ -208,3 +208,24 @@ async def test_a_missing_wait_says_so_with_the_write_kept(cl: LocalCluster) -> N
         assert await eng.validate(kept.token) is not None
         with pytest.raises(ReplicationIncomplete):  # every write says so, deletes too
             await eng.revoke_user("carol")
+
+
+@pytest.mark.parametrize("granted", [True, False])
+async def test_select_db_feature_on_a_plain_server(granted: bool) -> None:
+    features = ("sessions", "select_db") if granted else ("sessions",)
+    with LocalCluster(cluster_mode=False) as server:
+        server.run(server.ports[0], "ACL", "SETUSER", *acl_setuser_args(USER, PREFIX, features))
+        server.run(server.ports[0], "ACL", "SETUSER", USER, ">pw")
+        url = f"redis://{USER}:pw@{server.host}:{server.ports[0]}/2"
+        eng = SessionEngine(EngineSettings(url=url, key_prefix=PREFIX))
+        try:
+            if granted:
+                await eng.open()
+                assert await eng.validate((await eng.create(user_id="db")).token) is not None
+                assert server.run(server.ports[0], "DBSIZE") == 0  # the keys are in db 2
+            else:
+                with pytest.raises(PermissionDenied) as denied:
+                    await asyncio.wait_for(eng.open(), 10)
+                assert denied.value.permission == "select"
+        finally:
+            await eng.aclose()

@@ -189,7 +189,9 @@ class Transport:
                 self.handshake.append(pack(("SELECT", self._db)))
                 ok = await self._wait(conn.send(pack(("SELECT", self._db)), deadline))
                 if isinstance(ok, ReplyError):
-                    raise EngineUnavailable(f"SELECT {self._db} failed: {ok}")
+                    raise permission_denied(ok, operation="SELECT") or (
+                        EngineUnavailable(f"SELECT {self._db} failed: {ok}")
+                    )
             self._slot_nodes = [seed] * SLOTS
         else:
             self.cluster = True
