@@ -20,6 +20,7 @@ from urllib.parse import unquote
 import orjson
 from pydantic import BaseModel
 
+from ._credentials import build_ssl_context, password_provider, ssl_provider
 from ._errors import (
     ChatRoomLimitExceeded,
     EngineError,
@@ -165,8 +166,11 @@ class SessionEngine:
         if self._state is State.CLOSED:
             raise EngineError("this engine was closed; make a new one")
         s = self.settings
+        tls_files = ssl_provider(s)  # re-read on reconnect once rotated
         options = TransportOptions(
-            ssl=self._ssl_context(),
+            ssl=tls_files() if tls_files else self._ssl_context(),
+            ssl_provider=tls_files,
+            password_provider=password_provider(s),
             url=s.url,
             username=s.username,
             password=s.password.get_secret_value() if s.password else None,
@@ -187,19 +191,7 @@ class SessionEngine:
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context for ``rediss://`` URLs, from the ``tls_*`` settings."""
-        s = self.settings
-        if not s.url.startswith("rediss://"):
-            if s.tls_ca_file or s.tls_cert_file:
-                raise InvalidArgument("tls_* settings need a rediss:// url")
-            return None
-        try:
-            context = ssl.create_default_context(cafile=s.tls_ca_file)
-            if s.tls_cert_file:
-                context.load_cert_chain(s.tls_cert_file, s.tls_key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise InvalidArgument(f"cannot load the TLS files: {exc}") from exc
-        context.check_hostname = s.tls_verify_hostname
-        return context
+        return build_ssl_context(self.settings)
 
     async def aclose(self) -> None:
         """Close the connections. Safe to call more than once."""

@@ -127,9 +127,19 @@ class EngineSettings(BaseSettings):
     )
     username: str | None = None
     password: SecretStr | None = None
+    password_file: str | None = Field(
+        default=None,
+        description=(
+            "A file holding the password (one line), read at open and again at every "
+            "reconnect once it changed: a rotated password needs no restart. Not with "
+            "password."
+        ),
+    )
 
     tls_ca_file: str | None = Field(
-        default=None, description="CA bundle for rediss:// (default: the system's CAs)."
+        default=None,
+        description="CA bundle for rediss:// (default: the system's CAs). The tls_* files "
+        "are read again at a reconnect once they changed: rotation needs no restart.",
     )
     tls_cert_file: str | None = Field(default=None, description="Client certificate (mTLS).")
     tls_key_file: str | None = Field(default=None, description="Client key (mTLS).")
@@ -271,6 +281,12 @@ class EngineSettings(BaseSettings):
         # The URL may carry a password (redis://user:secret@host): never show it.
         for name, value in super().__repr_args__():
             yield name, (redact_url(value) if name == "url" else value)
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> EngineSettings:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        return self
 
     @model_validator(mode="after")
     def _absolute_covers_idle(self) -> EngineSettings:

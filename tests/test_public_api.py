@@ -29,6 +29,7 @@ EXPECTED = {
     "NewSession",
     "OutcomeUnknown",
     "PayloadTooLarge",
+    "PermissionDenied",
     "ReplicationIncomplete",
     "Session",
     "SessionConflict",

@@ -13,6 +13,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from ssl import SSLContext  # the field named ssl hides the module in the class body
 from typing import Any, Final
 
 from .._errors import (
@@ -21,6 +22,7 @@ from .._errors import (
     InvalidArgument,
     OutcomeUnknown,
     ReplyError,
+    permission_denied,
     reply_kind,
 )
 from .._keys import SLOTS
@@ -56,6 +58,10 @@ class TransportOptions:
     breaker_failures: int = 3
     breaker_reset: float = 0.25
     ssl: ssl.SSLContext | None = None  # for rediss:// (built by the engine from settings)
+    # Asked before every connect, so rotated certificate or password files take effect at
+    # the next reconnect without a restart (engine._credentials).
+    ssl_provider: Callable[[], SSLContext | None] | None = None
+    password_provider: Callable[[], str] | None = None
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -74,6 +80,14 @@ def _public_error(failure: CallFailed, *, idempotent: bool) -> EngineUnavailable
     if idempotent:
         return EngineUnavailable(str(failure))
     return OutcomeUnknown(f"no reply, not sent again: {failure}")
+
+
+def _auth(username: str | None, password: str) -> bytes:
+    auth = ("AUTH", username, password) if username else ("AUTH", password)
+    try:
+        return pack(auth)
+    except UnicodeError:  # never echo the credentials
+        raise InvalidArgument("the username or password is not valid UTF-8") from None
 
 
 def _backoff(attempt: int) -> float:
@@ -126,15 +140,27 @@ class Transport:
         self._seeds = [(s.host, s.port) for s in seeds]
         username = options.username or next((s.username for s in seeds if s.username), None)
         password = options.password or next((s.password for s in seeds if s.password), None)
+        if options.password_provider is not None:
+            password = options.password_provider()
+        self._username = username
+        self._password = password
         self.handshake: list[bytes] = []
         if password:
-            auth = ("AUTH", username, password) if username else ("AUTH", password)
-            try:
-                self.handshake.append(pack(auth))
-            except UnicodeError:  # never echo the credentials
-                raise InvalidArgument("the username or password is not valid UTF-8") from None
+            self.handshake.append(_auth(username, password))  # always first: see below
         self._db = seed.db
         self.handshake.append(pack(("PING",)))
+
+    def refresh_credentials(self) -> None:
+        """Pick up a rotated certificate or password before a connect (the providers
+        re-read their files only once they changed; the last good value otherwise)."""
+        opts = self.options
+        if opts.ssl_provider is not None:
+            self.ssl = opts.ssl_provider()
+        if opts.password_provider is not None:
+            password = opts.password_provider()
+            if password != self._password:
+                self._password = password
+                self.handshake[0] = _auth(self._username, password)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -155,6 +181,10 @@ class Transport:
         self._watchdog = self.loop.call_later(_WATCHDOG_INTERVAL, self._watch)
         seed, conn, reply = await self._first_seed()
         deadline = self.loop.time() + max(self.options.connect_timeout, 2.0)
+        if isinstance(reply, ReplyError) and (
+            denied := permission_denied(reply, operation="CLUSTER SLOTS")
+        ):
+            raise denied  # not "a plain server": the ACL user cannot see the slot map
         if isinstance(reply, ReplyError):
             # "ERR This instance has cluster support disabled": one plain server.
             self.cluster = False
@@ -162,7 +192,9 @@ class Transport:
                 self.handshake.append(pack(("SELECT", self._db)))
                 ok = await self._wait(conn.send(pack(("SELECT", self._db)), deadline))
                 if isinstance(ok, ReplyError):
-                    raise EngineUnavailable(f"SELECT {self._db} failed: {ok}")
+                    raise permission_denied(ok, operation="SELECT") or (
+                        EngineUnavailable(f"SELECT {self._db} failed: {ok}")
+                    )
             self._slot_nodes = [seed] * SLOTS
         else:
             self.cluster = True
@@ -263,7 +295,7 @@ class Transport:
             try:
                 conn = await node.connection(deadline)
                 reply = await self._wait(conn.send(pack(("CLUSTER", "SLOTS")), deadline))
-            except (EngineUnavailable, CallFailed):
+            except (EngineError, CallFailed):  # PermissionDenied too: a background task
                 continue
             if not isinstance(reply, ReplyError) and self._apply_slots(reply, node):
                 return
@@ -609,7 +641,9 @@ class Transport:
         conn = await node.connection(deadline)
         reply = await self._wait(conn.send(pack(args), deadline))
         if isinstance(reply, ReplyError):
-            raise EngineUnavailable(f"{node.name}: {reply}")
+            raise permission_denied(reply, operation=f"{args[0]} on {node.name}") or (
+                EngineUnavailable(f"{node.name}: {reply}")
+            )
         return reply
 
     async def call_node_many(self, node: Node, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -635,7 +669,9 @@ class Transport:
             for fut in futs:
                 reply = await self._wait(fut)
                 if isinstance(reply, ReplyError):
-                    raise EngineUnavailable(f"SCRIPT LOAD failed on {node.name}: {reply}")
+                    raise permission_denied(reply, operation="SCRIPT LOAD") or (
+                        EngineUnavailable(f"SCRIPT LOAD failed on {node.name}: {reply}")
+                    )
 
         await asyncio.gather(*(load(n) for n in self.primaries()))
 

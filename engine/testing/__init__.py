@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     )
     from ._keyspace import delete_prefix, keys_under, primary_clients
     from ._remote import RemoteCluster
+    from ._tls import TlsFiles, make_test_pki
 
 __all__ = [
     "DEFAULT_STATE_FILE",
@@ -36,8 +37,10 @@ __all__ = [
     "LocalCluster",
     "RedisServerNotFound",
     "RemoteCluster",
+    "TlsFiles",
     "delete_prefix",
     "keys_under",
+    "make_test_pki",
     "primary_clients",
 ]
 
@@ -49,8 +52,10 @@ _HOME = {
     "LocalCluster": "._cluster",
     "RedisServerNotFound": "._cluster",
     "RemoteCluster": "._remote",
+    "TlsFiles": "._tls",
     "delete_prefix": "._keyspace",
     "keys_under": "._keyspace",
+    "make_test_pki": "._tls",
     "primary_clients": "._keyspace",
 }
 

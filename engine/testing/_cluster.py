@@ -64,6 +64,7 @@ from ._processes import (
     _quote,
     _wait_proc_state,
 )
+from ._tls import CertPair, TlsFiles, make_test_pki
 from ._topology import _myself, _NodeLine, _parse_cluster_nodes, _parse_info
 
 __all__ = [
@@ -94,6 +95,7 @@ class ClusterNode:
         paused: The process was stopped with `LocalCluster.pause`.
         master_id: For a replica, the node id of its primary.
         slots: Inclusive slot ranges this node serves (primaries only).
+        tls: The node speaks only TLS (``port`` is its ``tls-port``).
     """
 
     host: str
@@ -105,11 +107,12 @@ class ClusterNode:
     paused: bool = False
     master_id: str | None = None
     slots: tuple[tuple[int, int], ...] = ()
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        """``redis://host:port`` of this node."""
-        return _url(self.host, self.port)
+        """``redis://host:port`` of this node (``rediss://`` for a TLS node)."""
+        return _url(self.host, self.port, tls=self.tls)
 
 
 class _Node:
@@ -159,6 +162,11 @@ class LocalCluster:
             which `stop` removes (a directory you pass is left in place).
         startup_timeout: Seconds `start` may take before it gives up.
         die_with_parent: Kill the nodes when this process dies (Linux only).
+        tls: Speak only TLS, on every link: clients, cluster bus and replication
+            (``tls-port``, ``tls-cluster yes``, ``tls-replication yes``, ``port 0``), with a
+            test CA and node certificate made by openssl in ``<base_dir>/tls``. `url` is then
+            ``rediss://`` and `ca_file` the CA to trust. Clients may present a certificate
+            (``tls-auth-clients optional``); ``extra_config`` can make it ``yes``.
 
     Raises:
         RedisServerNotFound: ``redis-server`` is missing or not executable.
@@ -179,6 +187,7 @@ class LocalCluster:
         base_dir: str | None = None,
         startup_timeout: float = 30.0,
         die_with_parent: bool = True,
+        tls: bool = False,
     ) -> None:
         self._configure(
             primaries=primaries,
@@ -191,6 +200,7 @@ class LocalCluster:
             base_dir=base_dir,
             startup_timeout=startup_timeout,
             die_with_parent=die_with_parent,
+            tls=tls,
         )
         self._redis_server = _find_redis_server(redis_server)
 
@@ -207,6 +217,7 @@ class LocalCluster:
         base_dir: str | None,
         startup_timeout: float,
         die_with_parent: bool,
+        tls: bool = False,
     ) -> None:
         if cluster_mode and primaries < 1:
             raise ValueError("primaries must be >= 1")
@@ -227,6 +238,8 @@ class LocalCluster:
         self.extra_config = dict(extra_config or {})
         self.startup_timeout = startup_timeout
         self.die_with_parent = die_with_parent
+        self.tls = tls
+        self._tls: TlsFiles | None = None  # made in start(), under the base directory
         self._requested_base_dir = base_dir
         self._base_dir: Path | None = Path(base_dir).resolve() if base_dir else None
         self._owns_base_dir = False
@@ -271,6 +284,8 @@ class LocalCluster:
                 self._owns_base_dir = True
             else:
                 self._base_dir.mkdir(parents=True, exist_ok=True)
+            if self.tls:
+                self._tls = make_test_pki(self._base_dir / "tls", host=self.host)
             self._launch_all(deadline)
             if self.cluster_mode:
                 self._form_cluster(deadline)
@@ -341,10 +356,21 @@ class LocalCluster:
 
     @property
     def url(self) -> str:
-        """``redis://host:port`` of the first primary (a fine seed for cluster clients)."""
+        """``redis://host:port`` of the first primary (a fine seed for cluster clients);
+        ``rediss://`` for a TLS cluster."""
         if not self._nodes:
             raise HarnessError("cluster is not started")
-        return _url(self.host, self._nodes[0].port)
+        return _url(self.host, self._nodes[0].port, tls=self.tls)
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA a client must trust to reach a TLS cluster (``None`` without TLS)."""
+        return self._tls.ca_file if self._tls else None
+
+    @property
+    def tls_files(self) -> TlsFiles | None:
+        """The test CA and node certificate of a TLS cluster (``None`` without TLS)."""
+        return self._tls
 
     @property
     def ports(self) -> list[int]:
@@ -391,6 +417,7 @@ class LocalCluster:
                     paused=node.paused,
                     master_id=line.master_id if line else None,
                     slots=line.slots if line else (),
+                    tls=self.tls,
                 )
             )
         return result
@@ -450,7 +477,9 @@ class LocalCluster:
             decode_responses: Return ``str`` instead of ``bytes``.
         """
         self._node(port)
-        client = _client(self.host, port, socket_timeout, decode_responses=decode_responses)
+        client = _client(
+            self.host, port, socket_timeout, decode_responses=decode_responses, tls=self._tls
+        )
         self._clients.append(client)
         return client
 
@@ -460,7 +489,7 @@ class LocalCluster:
         Example: ``cl.run(port, "CLUSTER", "INFO")``.
         """
         self._node(port)
-        with _client(self.host, port, _CONTROL_TIMEOUT) as client:
+        with _client(self.host, port, _CONTROL_TIMEOUT, tls=self._tls) as client:
             return client.execute_command(*args)
 
     # ------------------------------------------------------------------ fault injection
@@ -572,13 +601,17 @@ class LocalCluster:
         if not live:
             return ["no running, un-paused node"]
         if not self.cluster_mode:
-            return [] if _ping(self.host, live[0].port) else [f"{live[0].port}: no PONG"]
+            return (
+                []
+                if _ping(self.host, live[0].port, tls=self._tls)
+                else [f"{live[0].port}: no PONG"]
+            )
         live_ids = {n.node_id for n in live}
         problems: list[str] = []
         reference: tuple[Any, ...] | None = None
         for node in live:
             try:
-                with _client(self.host, node.port, _CONTROL_TIMEOUT) as client:
+                with _client(self.host, node.port, _CONTROL_TIMEOUT, tls=self._tls) as client:
                     info = _parse_info(client.execute_command("CLUSTER", "INFO"))
                     lines = _parse_cluster_nodes(client.execute_command("CLUSTER", "NODES"))
                     repl = client.info("replication")
@@ -641,6 +674,7 @@ class LocalCluster:
             "base_dir": str(self._base_dir),
             "owns_base_dir": self._owns_base_dir,
             "ports": [n.port for n in self._nodes],
+            "tls_dir": str(self._tls.ca.cert.parent) if self._tls else None,
             "pids": [n.pid for n in self._nodes],
             "nodes": [
                 {
@@ -688,6 +722,9 @@ class LocalCluster:
             )
             obj._redis_server = str(state["redis_server"])
             obj._owns_base_dir = bool(state["owns_base_dir"])
+            if state.get("tls_dir"):  # absent in files written before TLS clusters
+                obj.tls = True
+                obj._tls = _tls_files_in(Path(state["tls_dir"]))
             for entry in state["nodes"]:
                 node = _Node(int(entry["port"]), Path(entry["dir"]), entry["role"])
                 node.pid = int(entry["pid"]) if entry["pid"] is not None else None
@@ -746,7 +783,7 @@ class LocalCluster:
             "# Generated by engine.cluster. Shared settings come from the include; everything",
             "# below is specific to this node and overrides it.",
             f"include {_quote(NODE_CONF)}",
-            f"port {node.port}",
+            *self._port_lines(node),
             f"bind {self.host}",
             f"dir {_quote(node.dir)}",
             f"logfile {_quote(node.log)}",
@@ -762,6 +799,22 @@ class LocalCluster:
             lines.append("appendonly yes")
         lines += [f"{key} {value}" for key, value in self.extra_config.items()]
         node.conf.write_text("\n".join(lines) + "\n")
+
+    def _port_lines(self, node: _Node) -> list[str]:
+        if self._tls is None:
+            return [f"port {node.port}"]
+        tls = self._tls
+        # No plaintext port at all; every link (clients, bus, replication) is TLS.
+        return [
+            "port 0",
+            f"tls-port {node.port}",
+            f"tls-cert-file {_quote(tls.cert_file)}",
+            f"tls-key-file {_quote(tls.key_file)}",
+            f"tls-ca-cert-file {_quote(tls.ca_file)}",
+            "tls-auth-clients optional",
+            "tls-replication yes",
+            *(["tls-cluster yes"] if self.cluster_mode else []),
+        ]
 
     def _spawn(self, node: _Node) -> None:
         preexec = _pdeathsig_preexec() if self.die_with_parent else None
@@ -833,7 +886,7 @@ class LocalCluster:
                         node.proc.wait()
                     waiting.remove(node)
                     failed.append(node)
-                elif _ping(self.host, node.port):
+                elif _ping(self.host, node.port, tls=self._tls):
                     waiting.remove(node)
             if waiting and time.monotonic() >= deadline:
                 for node in waiting:
@@ -883,7 +936,7 @@ class LocalCluster:
 
     def _cluster_nodes_or_none(self, port: int) -> list[_NodeLine] | None:
         try:
-            with _client(self.host, port, _CONTROL_TIMEOUT) as client:
+            with _client(self.host, port, _CONTROL_TIMEOUT, tls=self._tls) as client:
                 return _parse_cluster_nodes(client.execute_command("CLUSTER", "NODES"))
         except (redis.RedisError, OSError):
             return None
@@ -901,13 +954,39 @@ class LocalCluster:
 # ---------------------------------------------------------------------- helpers
 
 
-def _url(host: str, port: int) -> str:
-    return f"redis://[{host}]:{port}" if ":" in host else f"redis://{host}:{port}"
+def _url(host: str, port: int, *, tls: bool = False) -> str:
+    scheme = "rediss" if tls else "redis"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-def _client(host: str, port: int, timeout: float, *, decode_responses: bool = True) -> redis.Redis:
+def _tls_files_in(directory: Path) -> TlsFiles:
+    """The files `make_test_pki` wrote into ``directory``."""
+    return TlsFiles(
+        ca=CertPair(directory / "ca.crt", directory / "ca.key"),
+        node=CertPair(directory / "node.crt", directory / "node.key"),
+    )
+
+
+def _client(
+    host: str,
+    port: int,
+    timeout: float,
+    *,
+    decode_responses: bool = True,
+    tls: TlsFiles | None = None,
+) -> redis.Redis:
     # No retries: redis-py retries 10 times by default, which turns "node is down/paused"
     # into a multi-second hang instead of a quick, clear error.
+    tls_options: dict[str, Any] = {}
+    if tls is not None:
+        # The node certificate doubles as the admin's client certificate, so the harness
+        # still works when a test turns tls-auth-clients to yes.
+        tls_options = {
+            "ssl": True,
+            "ssl_ca_certs": str(tls.ca_file),
+            "ssl_certfile": str(tls.cert_file),
+            "ssl_keyfile": str(tls.key_file),
+        }
     return redis.Redis(
         host=host,
         port=port,
@@ -915,12 +994,13 @@ def _client(host: str, port: int, timeout: float, *, decode_responses: bool = Tr
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         decode_responses=decode_responses,
+        **tls_options,
     )
 
 
-def _ping(host: str, port: int, timeout: float = 0.5) -> bool:
+def _ping(host: str, port: int, timeout: float = 0.5, *, tls: TlsFiles | None = None) -> bool:
     try:
-        with _client(host, port, timeout) as client:
+        with _client(host, port, timeout, tls=tls) as client:
             return bool(client.ping())
     except (redis.RedisError, OSError):  # refused, timed out, or still LOADING
         return False
