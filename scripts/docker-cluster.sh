@@ -126,14 +126,17 @@ build_rootfs() {
   mv "$dir.tmp" "$dir"
   say "building the wheelhouse on the host (engine dependencies, hatchling, locust)"
   rm -rf "$CACHE/wheels" && mkdir -p "$CACHE/wheels"
+  [ -x "$ROOT/.venv/bin/python" ] || { say "no .venv: run scripts/setup.sh first"; exit 5; }
   "$ROOT/.venv/bin/python" -m pip wheel -q --disable-pip-version-check -w "$CACHE/wheels" \
-    "$ROOT[fastapi]" hatchling "locust==$LOCUST_VERSION"
+    "$ROOT[fastapi]" hatchling "locust==$LOCUST_VERSION" >"$CACHE/wheels.log" 2>&1 \
+    || { tail -n 20 "$CACHE/wheels.log" >&2; exit 5; }
   rm -f "$CACHE"/wheels/redis_session_engine-*.whl  # the image installs the engine itself
   mkdir -p "$dir/wheels"
   cp "$CACHE"/wheels/*.whl "$dir/wheels/"
   # Debian marks its python "externally managed"; python:3.11-slim's is not.
   rm -f "$dir"/usr/lib/python3*/EXTERNALLY-MANAGED
-  chroot "$dir" /bin/sh -c 'pip install -q --no-index --find-links /wheels /wheels/*.whl'
+  chroot "$dir" /bin/sh -c \
+    'pip install -q --no-index --root-user-action=ignore --find-links /wheels /wheels/*.whl'
   rm -rf "$dir/wheels" "$dir/var/cache/apt/archives/"*.deb "$dir/var/lib/apt/lists/"*
   # No index inside the images: nothing is pulled, and the Dockerfile's build of the engine
   # uses the hatchling installed here.

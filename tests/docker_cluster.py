@@ -123,6 +123,12 @@ class DockerCluster:
             check=check,
         )
 
+    def compose_process(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        cmd = ["docker-compose", "-p", self.project, "-f", str(COMPOSE_FILE), *args]
+        return subprocess.run(
+            cmd, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+
     def docker(self, *args: str, timeout: float = 60, check: bool = True) -> str:
         return self.run("docker", *args, timeout=timeout, check=check)
 

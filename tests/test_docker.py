@@ -38,6 +38,7 @@ from docker_cluster import (
     DockerCluster,
     DockerUnavailable,
     cluster_info,
+    node_client,
     node_named,
     prepare,
     replication,
@@ -315,6 +316,30 @@ def test_compose_up_reports_success_only_with_every_replica_link_up(
     assert c.docker("inspect", "--format", running, c.container("locust-master")).strip() == (
         "true"
     )
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(300)
+def test_cluster_init_fails_while_a_replica_link_is_down(docker_cluster: DockerCluster) -> None:
+    c = docker_cluster
+    replica = sorted(set(NODES) - set(c.primaries()))[0]
+    # A wrong masterauth keeps this replica's link down while every node answers.
+    with node_client(replica) as client:
+        client.config_set("masterauth", "wrong-on-purpose")
+        client.client_kill_filter(_type="master")
+        try:
+            wait_for("the link to go down", lambda: c.replica_links_up() == 2, 10)
+            run = ("run", "--rm", "--no-deps", "-e", "CLUSTER_INIT_WAIT=3", "cluster-init")
+            proc = c.compose_process(*run, timeout=60)
+            assert proc.returncode == 1, proc.stdout + proc.stderr
+            assert "3 replica links up" not in proc.stdout
+            assert "the cluster is not whole after 3 s" in proc.stderr
+        finally:
+            client.config_set("masterauth", "")
+    wait_for("the link back up", lambda: c.replica_links_up() == 3, 30)
+    # Whole again: cluster-init (which does not create twice) succeeds.
+    proc = c.compose_process("run", "--rm", "--no-deps", "cluster-init", timeout=60)
+    assert proc.returncode == 0 and "3 replica links up" in proc.stdout, proc.stderr
 
 
 @pytest.mark.docker
