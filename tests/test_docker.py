@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import os
 import re
 import shlex
@@ -258,6 +259,38 @@ def test_node_command_line_runs_with_the_shared_file(
         proc.wait(10)
 
 
+# -- the app's start-up retry, which the compose file relies on (no Docker needed) -------
+
+
+async def test_the_app_retries_its_seeds_then_fails_its_start_up(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from loadtest.app import create_app
+
+    monkeypatch.setenv("APP_STARTUP_RETRY", "1.5")
+    app = create_app(EngineSettings(url="redis://no-such-node.invalid:7000"))
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="loadtest.app"), pytest.raises(EngineUnavailable):
+        async with app.router.lifespan_context(app):
+            pass
+    assert time.monotonic() - t0 >= 1.5
+    retries = [r.getMessage() for r in caplog.records if r.name == "loadtest.app"]
+    assert len(retries) >= 2
+    assert all("no-such-node.invalid:7000" in line for line in retries)
+    assert "retrying in 1 s" in retries[0] and "giving up" in retries[-1]
+
+
+async def test_a_bad_startup_retry_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loadtest.app import create_app
+
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("APP_STARTUP_RETRY", bad)
+        app = create_app(EngineSettings(url="redis://no-such-node.invalid:7000"))
+        with pytest.raises(ValueError, match="APP_STARTUP_RETRY"):
+            async with app.router.lifespan_context(app):
+                pass
+
+
 # -- the cluster brought up for real (marker `docker`) ---------------------------------
 
 PROJECT = "rse-ci"
@@ -271,6 +304,8 @@ def _timing(what: str, seconds: float) -> None:
 
 @pytest.fixture(scope="module")
 def docker_cluster() -> Iterator[DockerCluster]:
+    # The first test to use it pays for the set-up (cold: apt-get, debootstrap, image
+    # builds, a few minutes): hence the docker tests' 900 s timeout.
     try:
         t0 = time.monotonic()
         cluster = prepare(PROJECT)
@@ -297,7 +332,7 @@ def docker_cluster() -> Iterator[DockerCluster]:
 
 
 @pytest.mark.docker
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(900)
 def test_compose_up_reports_success_only_with_every_replica_link_up(
     docker_cluster: DockerCluster,
 ) -> None:
@@ -319,7 +354,7 @@ def test_compose_up_reports_success_only_with_every_replica_link_up(
 
 
 @pytest.mark.docker
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_cluster_init_fails_while_a_replica_link_is_down(docker_cluster: DockerCluster) -> None:
     c = docker_cluster
     replica = sorted(set(NODES) - set(c.primaries()))[0]
@@ -343,7 +378,7 @@ def test_cluster_init_fails_while_a_replica_link_is_down(docker_cluster: DockerC
 
 
 @pytest.mark.docker
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_demo_from_the_host_against_the_containers(docker_cluster: DockerCluster) -> None:
     ip, port = NODE_ADDRESS["redis-node-0"]
     cmd = [
@@ -366,7 +401,7 @@ def _locust(base: str, path: str, form: dict[str, str] | None = None) -> dict[st
 
 
 @pytest.mark.docker
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_locust_swarm_through_the_app_container(docker_cluster: DockerCluster) -> None:
     c = docker_cluster
     base = f"http://{c.address(c.container('locust-master'))}:8089"
@@ -388,7 +423,7 @@ def test_locust_swarm_through_the_app_container(docker_cluster: DockerCluster) -
 
 
 @pytest.mark.docker
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 async def test_a_partitioned_primary_is_replaced_then_rejoins(
     docker_cluster: DockerCluster,
 ) -> None:
@@ -470,7 +505,7 @@ async def test_a_partitioned_primary_is_replaced_then_rejoins(
 
 
 @pytest.mark.docker
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_the_app_waits_for_a_seed_that_does_not_resolve_yet(
     docker_cluster: DockerCluster,
 ) -> None:
