@@ -8,7 +8,8 @@
 # Subcommands (each does what the ones before it need, and is safe to repeat):
 #   install       apt-get install docker.io docker-compose debootstrap (root; when missing)
 #   daemon-start  a private dockerd: its own data root, exec root, socket and pid file; the
-#                 address pool pinned to 10.231.0.0/16 (see README, "Docker")
+#                 address pool pinned to 10.231.0.0/16 (see README, "Docker"). Its default
+#                 bridge is docker0 (--bip): not for a machine whose own dockerd runs.
 #   images        redis:7.0, python:3.11-slim and locustio/locust:2.47.0 imported from one
 #                 Debian bookworm root filesystem (debootstrap), cached under $CACHE
 #   up            the above, then `docker-compose up -d --build` and wait for every replica link
@@ -90,9 +91,8 @@ daemon_start() {
 }
 
 daemon_stop() {
-  [ -f "$PIDFILE" ] || return 0
   local pid
-  pid=$(cat "$PIDFILE")
+  pid=$(cat "$PIDFILE" 2>/dev/null || true)
   # Only the process this pid file names, and only if it is a dockerd.
   if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ]; then
     kill "$pid"
@@ -100,6 +100,12 @@ daemon_stop() {
       kill -0 "$pid" 2>/dev/null || break
       sleep 0.5
     done
+  fi
+  # dockerd leaves its default bridge behind; remove it once our daemon is gone, and only
+  # if it carries our address (a docker0 of another daemon has its own).
+  if ! daemon_answers && ip -4 addr show dev docker0 2>/dev/null | grep -q "inet $BRIDGE_IP "
+  then
+    ip link delete docker0
   fi
 }
 

@@ -8,6 +8,7 @@ bridge. Only addresses of that compose network are ever contacted.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
@@ -23,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "docker-cluster.sh"
 COMPOSE_FILE = ROOT / "docker" / "docker-compose.yml"
 SOCKET = "/run/rse-docker.sock"
+# One run at a time on a machine: they share the daemon, its socket and the project name.
+LOCK = "/run/rse-docker.test.lock"
+LOCK_WAIT = 900.0
 NODES = [f"redis-node-{i}" for i in range(6)]
 NODE_ADDRESS = {name: (f"10.231.13.1{i}", 7000 + i) for i, name in enumerate(NODES)}
 # The script's exit codes for "this machine cannot run a Docker engine here".
@@ -85,6 +89,16 @@ class DockerCluster:
     project: str
     env: dict[str, str] = field(default_factory=dict)
     started_daemon: bool = False
+    lock_fd: int = -1
+    # Read the moment `docker-compose up -d` returned (tests may run in any order).
+    links_up_at_start: int = -1
+    states_at_start: list[str] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Let the next run on this machine have the daemon."""
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)  # closing drops the flock
+            self.lock_fd = -1
 
     @property
     def network(self) -> str:
@@ -183,6 +197,21 @@ class DockerCluster:
         return out
 
 
+def take_lock() -> int:
+    """An exclusive flock on ``LOCK`` (waits up to ``LOCK_WAIT`` s for another run)."""
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    give_up = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > give_up:
+                os.close(fd)
+                raise AssertionError(f"another docker test run holds {LOCK}") from None
+            time.sleep(1)
+
+
 def daemon_answers(env: dict[str, str]) -> bool:
     try:
         proc = subprocess.run(
@@ -208,17 +237,22 @@ def prepare(project: str) -> DockerCluster:
         # Host ports of the compose file, free here (the test reaches containers directly).
         "APP_PORT": str(free_port()),
         "LOCUST_WEB_PORT": str(free_port()),
-        # Locust users that think 0.2-1 s: a 15 s swarm makes a few hundred requests.
+        # Locust users that think 0.2-1 s: a 15 s swarm of 20 makes ~1,200 requests.
         "LOCUST_WAIT_MIN": "0.2",
         "LOCUST_WAIT_MAX": "1",
     }
-    cluster = DockerCluster(project, env)
-    # Stop the daemon at the end only if this run started it.
-    cluster.started_daemon = not daemon_answers(env)
-    proc = cluster.script("daemon-start")
-    if proc.returncode in NO_ENGINE_CODES:
-        raise DockerUnavailable(f"{NO_ENGINE_CODES[proc.returncode]}: {proc.stderr[-600:]}")
-    assert proc.returncode == 0, proc.stderr[-1500:]
-    proc = cluster.script("images")
-    assert proc.returncode == 0, proc.stderr[-1500:]
+    cluster = DockerCluster(project, env, lock_fd=take_lock())
+    try:
+        # Stop the daemon at the end only if this run started it.
+        cluster.started_daemon = not daemon_answers(env)
+        proc = cluster.script("daemon-start")
+        if proc.returncode in NO_ENGINE_CODES:
+            reason = NO_ENGINE_CODES[proc.returncode]
+            raise DockerUnavailable(f"{reason}: {proc.stderr[-600:]}")
+        assert proc.returncode == 0, proc.stderr[-1500:]
+        proc = cluster.script("images")
+        assert proc.returncode == 0, proc.stderr[-1500:]
+    except BaseException:
+        cluster.release()
+        raise
     return cluster

@@ -324,11 +324,15 @@ def docker_cluster() -> Iterator[DockerCluster]:
         # app healthy (locust-master waits for it).
         cluster.compose("up", "-d", timeout=300)
         _timing("compose up to healthy", time.monotonic() - t0)
+        # No waiting: cluster-init has exited 0, so the cluster must already be whole.
+        cluster.links_up_at_start = cluster.replica_links_up()
+        cluster.states_at_start = [cluster_info(n)["cluster_state"] for n in NODES]
         yield cluster
     finally:
         cluster.compose("down", "-v", "--remove-orphans", check=False)
         if cluster.started_daemon:
             cluster.script("daemon-stop")
+        cluster.release()
 
 
 @pytest.mark.docker
@@ -337,9 +341,9 @@ def test_compose_up_reports_success_only_with_every_replica_link_up(
     docker_cluster: DockerCluster,
 ) -> None:
     c = docker_cluster
-    # No waiting here: cluster-init has exited 0, so the cluster must already be whole.
-    assert c.replica_links_up() == 3
-    assert all(cluster_info(n)["cluster_state"] == "ok" for n in NODES)
+    # Read when `up -d` returned, right after cluster-init had reported success.
+    assert c.links_up_at_start == 3
+    assert c.states_at_start == ["ok"] * 6
     assert all(int(cluster_info(n)["cluster_known_nodes"]) == 6 for n in NODES)
     init = c.container("cluster-init")
     assert c.docker("inspect", "--format", "{{.State.ExitCode}}", init).strip() == "0"
