@@ -7,6 +7,12 @@ Run it against any cluster node (settings come from ``ENGINE_*`` variables)::
 Endpoints: ``POST /login``, ``GET /me``, ``POST|GET /chat/{room}``, ``POST /rotate``,
 ``POST /logout``, ``POST /logout-all``, ``GET /healthz``, ``GET /metrics`` (Prometheus).
 
+Start-up waits for the cluster: while no seed of ``ENGINE_URL`` answers (a name that does not
+resolve yet, a cluster still forming), the app logs why and tries again every second for
+``APP_STARTUP_RETRY`` seconds (default 0: fail at once, as ``engine_lifespan`` does), then
+fails start-up, so a supervisor (Docker's ``restart``) sees a failed start, never a silent
+one.
+
 ``APP_COOKIE_SECURE=0`` drops the ``Secure`` cookie flag for plain-HTTP local development
 (the cookie is then ``session`` instead of ``__Host-session``). ``APP_CSRF=0`` turns off the
 origin check of cookie-authenticated POSTs (on by default here).
@@ -22,9 +28,11 @@ Metrics are per process: with ``uvicorn --workers N`` each scrape reads one work
 
 import asyncio
 import hashlib
+import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Response
@@ -39,6 +47,8 @@ from engine import EngineSettings, EngineStats, EngineUnavailable, Session, Sess
 from engine.fastapi import SessionAuth, engine_lifespan, get_engine, install_error_handlers
 
 __all__ = ["app", "create_app"]
+
+log = logging.getLogger("loadtest.app")
 
 STATS_MAX_AGE = 1.0
 """Seconds a stats snapshot is reused by /metrics (it costs INFO, DBSIZE and SCAN per node)."""
@@ -163,6 +173,54 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "1").lower() not in ("0", "false", "no")
 
 
+def _startup_retry_seconds() -> float:
+    raw = os.environ.get("APP_STARTUP_RETRY", "0")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"APP_STARTUP_RETRY must be a number of seconds, not {raw!r}") from None
+    if not seconds >= 0:
+        raise ValueError(f"APP_STARTUP_RETRY must be >= 0, not {raw!r}")
+    return seconds
+
+
+async def _open_engine(settings: EngineSettings, retry_for: float) -> SessionEngine:
+    """An open engine; retries every second for ``retry_for`` seconds while none of the
+    seeds answers (the last ``EngineUnavailable`` is raised after that)."""
+    give_up = time.monotonic() + retry_for
+    attempt = 1
+    while True:
+        engine = SessionEngine(settings)
+        try:
+            return await engine.open()
+        except EngineUnavailable as exc:
+            await engine.aclose()
+            if time.monotonic() >= give_up:
+                log.error(
+                    "start-up: cannot reach the cluster (try %d): %s; giving up", attempt, exc
+                )
+                raise
+            log.warning(
+                "start-up: cannot reach the cluster yet (try %d): %s; retrying in 1 s", attempt, exc
+            )
+        attempt += 1
+        await asyncio.sleep(1.0)
+
+
+def _lifespan(
+    settings: EngineSettings | None,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """``engine_lifespan`` around an engine opened by ``_open_engine``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = await _open_engine(settings or EngineSettings(), _startup_retry_seconds())
+        async with engine_lifespan(engine=engine, freeze_gc=True)(app):
+            yield
+
+    return lifespan
+
+
 def create_app(settings: EngineSettings | None = None) -> FastAPI:
     """Build the service. No I/O: the engine connects when the app starts (lifespan).
 
@@ -183,9 +241,7 @@ def create_app(settings: EngineSettings | None = None) -> FastAPI:
     auth = SessionAuth(cookie_secure=secure, csrf=_env_flag("APP_CSRF"))
     current_session = Annotated[Session, Depends(auth.require_session)]
     current_token = Annotated[str, Depends(auth.current_token)]
-    app = FastAPI(
-        title="session engine reference service", lifespan=engine_lifespan(settings, freeze_gc=True)
-    )
+    app = FastAPI(title="session engine reference service", lifespan=_lifespan(settings))
     install_error_handlers(app, realm=auth.realm)
     app.add_middleware(_LatencyMiddleware, histogram=histogram)
 
