@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "loadtest": ("engine.cli.loadtest", "reference FastAPI service under headless Locust"),
     "drill": ("engine.cli.drill", "SCENARIO: a failover drill under load (kill-primary, ...)"),
     "fuzz": ("engine.cli.fuzz", "TARGET: coverage-guided fuzzing of the public entries (atheris)"),
+    "sessions": ("engine.cli.sessions", "list|revoke --user U: see or end a user's sessions"),
 }
 _EXTRAS = "pip install 'redis-session-engine[testing,fastapi,loadtest,charts]'"
 
