@@ -8,6 +8,7 @@ from ._errors import (
     ChatRoomLimitExceeded,
     EngineError,
     EngineUnavailable,
+    EventsUnavailable,
     InvalidArgument,
     LimitExceeded,
     OutcomeUnknown,
@@ -17,6 +18,7 @@ from ._errors import (
     SessionLimitExceeded,
     SessionNotFound,
 )
+from ._events import SessionEvent, SessionEventKind, SessionEventStream
 from ._models import EngineStats, MissReasons, NewSession, Session, SessionState
 from ._run import install_uvloop, run
 from ._settings import EngineSettings
@@ -27,6 +29,7 @@ __all__ = [
     "EngineSettings",
     "EngineStats",
     "EngineUnavailable",
+    "EventsUnavailable",
     "InvalidArgument",
     "LimitExceeded",
     "MissReasons",
@@ -37,6 +40,9 @@ __all__ = [
     "Session",
     "SessionConflict",
     "SessionEngine",
+    "SessionEvent",
+    "SessionEventKind",
+    "SessionEventStream",
     "SessionLimitExceeded",
     "SessionNotFound",
     "SessionState",
