@@ -307,6 +307,7 @@ class SessionEventStream:
         try:
             replies = await asyncio.wait_for(asyncio.shield(sub.ready), timeout)
         except (OSError, TimeoutError) as exc:
+            sub.ready.cancel()  # nobody will read its outcome now
             sub.close()
             raise EngineUnavailable(f"cannot subscribe to {node.name}: {exc!r}") from exc
         refused = [r for r in replies if isinstance(r, hiredis.ReplyError)]
@@ -351,9 +352,13 @@ class SessionEventStream:
 
     async def _watch(self) -> None:
         """Keep one live subscription per primary of the current slot map."""
-        transport = self._engine.transport
         while not self._closed:
             await asyncio.sleep(_RECONCILE)
+            try:
+                transport = self._engine.transport
+            except EngineError as exc:  # the engine was closed under the stream
+                self._fail(exc)
+                return
             primaries = {n.name: n for n in transport.primaries()}
             for name, sub in list(self._subs.items()):
                 if sub.lost or name not in primaries:
@@ -368,12 +373,19 @@ class SessionEventStream:
             for result in results:
                 if isinstance(result, EventsUnavailable):
                     # A promoted replica without the flags: say so rather than go quiet.
-                    self._failure = result
-                    assert self._wake is not None
-                    self._wake.set()
+                    self._fail(result)
                     return
                 if isinstance(result, BaseException):
                     transport.request_refresh()  # not promoted yet, or still down
+
+    def _fail(self, error: EngineError) -> None:
+        """End the iteration with ``error`` (raised by the next ``__anext__``)."""
+        self._failure = error
+        for sub in self._subs.values():  # a dead stream holds no sockets
+            sub.close()
+        self._subs.clear()
+        assert self._wake is not None
+        self._wake.set()
 
     # -- events -----------------------------------------------------------------------
 

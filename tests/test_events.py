@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from engine import (
+    EngineError,
     EngineSettings,
     EventsUnavailable,
     SessionEngine,
@@ -194,3 +195,14 @@ async def test_closing_ends_the_iteration_and_is_safe_twice(engine: SessionEngin
     await stream.aclose()
     with pytest.raises(ValueError, match="max_queue"):
         engine.events(max_queue=0)
+
+
+async def test_closing_the_engine_ends_the_stream_with_a_clear_error(
+    cluster: LocalCluster,
+) -> None:
+    eng = await SessionEngine(EngineSettings(url=cluster.url, key_prefix="ev")).open()
+    stream = await eng.events().start()
+    await eng.aclose()
+    with pytest.raises(EngineError, match="not open"):
+        await asyncio.wait_for(stream.__anext__(), 5)
+    await stream.aclose()

@@ -37,25 +37,25 @@ def _scrape(registry: CollectorRegistry) -> dict[str, Any]:
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
-async def _traffic(engine: SessionEngine) -> tuple[list[str], list[str], list[str]]:
+async def _traffic(session_engine: SessionEngine) -> tuple[list[str], list[str], list[str]]:
     """Some hits, misses of each kind we can cause, a malformed token; returns the
     tokens, session ids and user ids made (none may appear in a label)."""
-    made = [await engine.create(user_id=f"metrics-user-{i}") for i in range(5)]
+    made = [await session_engine.create(user_id=f"metrics-user-{i}") for i in range(5)]
     for new in made:
-        assert await engine.validate(new.token) is not None
-    await engine.revoke(made[0].token)
-    assert await engine.validate(made[0].token) is None  # unknown
-    assert await engine.validate("not a token") is None  # malformed
+        assert await session_engine.validate(new.token) is not None
+    await session_engine.revoke(made[0].token)
+    assert await session_engine.validate(made[0].token) is None  # unknown
+    assert await session_engine.validate("not a token") is None  # malformed
     tokens = [n.token for n in made]
     sids = [n.session.session_id for n in made]
     users = [f"metrics-user-{i}" for i in range(5)]
     return tokens, sids, users
 
 
-async def test_a_scrape_parses_and_matches_the_engine(engine: SessionEngine) -> None:
-    tokens, sids, users = await _traffic(engine)
+async def test_a_scrape_parses_and_matches_the_engine(session_engine: SessionEngine) -> None:
+    tokens, sids, users = await _traffic(session_engine)
     registry = CollectorRegistry()
-    collector = PrometheusCollector(engine)
+    collector = PrometheusCollector(session_engine)
     registry.register(collector)
     await collector.refresh()
     families = _scrape(registry)
@@ -69,7 +69,7 @@ async def test_a_scrape_parses_and_matches_the_engine(engine: SessionEngine) -> 
         assert len(samples) == 1, (name, labels, families[name].samples)
         return float(samples[0].value)
 
-    m = engine._metrics
+    m = session_engine._metrics
     assert value("session_validations") == m.validations == 7
     assert value("session_hits") == m.hits == 5
     assert value("session_misses", reason="unknown") == 1
@@ -91,11 +91,11 @@ async def test_a_scrape_parses_and_matches_the_engine(engine: SessionEngine) -> 
     assert count == timed and 0 < total < 60
 
     nodes = {s.labels["node"] for s in families["session_engine_node_breaker_open"].samples}
-    assert {n.name for n in engine.transport.primaries()} <= nodes
+    assert {n.name for n in session_engine.transport.primaries()} <= nodes
     assert all(s.value == 0 for s in families["session_engine_node_breaker_open"].samples)
     assert all(s.value >= 0 for s in families["session_engine_node_inflight"].samples)
     assert value("session_active") >= 4
-    assert value("redis_primaries") == len(engine.transport.primaries())
+    assert value("redis_primaries") == len(session_engine.transport.primaries())
     assert len(families["redis_used_memory_bytes"].samples) == value("redis_primaries")
 
     # No token, session id or user id in any label value.
@@ -107,34 +107,34 @@ async def test_a_scrape_parses_and_matches_the_engine(engine: SessionEngine) -> 
 
 
 async def test_cluster_figures_are_refreshed_at_most_once_per_interval(
-    engine: SessionEngine,
+    session_engine: SessionEngine,
 ) -> None:
-    figures = EngineFigures(engine, cluster_refresh=60.0)
+    figures = EngineFigures(session_engine, cluster_refresh=60.0)
     calls = 0
-    real = engine.stats
+    real = session_engine.stats
 
     async def counted() -> Any:
         nonlocal calls
         calls += 1
         return await real()
 
-    engine.stats = counted  # type: ignore[method-assign]
+    session_engine.stats = counted  # type: ignore[method-assign]
     try:
         for _ in range(5):
             await figures.refresh()
             figures.read()
         await asyncio.sleep(0)
     finally:
-        del engine.stats
+        del session_engine.stats
     assert calls == 1
 
 
 async def test_a_scrape_from_another_thread_does_not_block_and_fills_in(
-    engine: SessionEngine,
+    session_engine: SessionEngine,
 ) -> None:
-    await _traffic(engine)
+    await _traffic(session_engine)
     registry = CollectorRegistry()
-    registry.register(PrometheusCollector(engine, cluster_refresh=0.0))
+    registry.register(PrometheusCollector(session_engine, cluster_refresh=0.0))
     # As prometheus_client's own HTTP server does: collect in a thread of its own. The
     # first scrape starts a cluster refresh on the engine's loop and does not wait for it.
     first = await asyncio.to_thread(_scrape, registry)
@@ -149,9 +149,9 @@ async def test_a_scrape_from_another_thread_does_not_block_and_fills_in(
 
 
 async def test_local_cache_figures_export_when_the_engine_has_them(
-    engine: SessionEngine,
+    session_engine: SessionEngine,
 ) -> None:
-    collector = PrometheusCollector(engine)
+    collector = PrometheusCollector(session_engine)
     collector.figures._snapshot = cast(
         Any,
         SimpleNamespace(
@@ -176,9 +176,9 @@ async def test_local_cache_figures_export_when_the_engine_has_them(
     assert drops == {"stale": 1, "full": 4}
 
 
-async def test_without_a_local_cache_no_local_cache_series(engine: SessionEngine) -> None:
+async def test_without_a_local_cache_no_local_cache_series(session_engine: SessionEngine) -> None:
     registry = CollectorRegistry()
-    collector = PrometheusCollector(engine)
+    collector = PrometheusCollector(session_engine)
     registry.register(collector)
     await collector.refresh()
     assert not any(name.startswith("session_local_cache") for name in _scrape(registry))
@@ -190,14 +190,16 @@ def test_a_collector_of_an_app_not_started_yet_exports_nothing() -> None:
     assert _scrape(registry) == {}
 
 
-async def test_the_opentelemetry_bridge_reads_the_same_figures(engine: SessionEngine) -> None:
+async def test_the_opentelemetry_bridge_reads_the_same_figures(
+    session_engine: SessionEngine,
+) -> None:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    tokens, sids, users = await _traffic(engine)
+    tokens, sids, users = await _traffic(session_engine)
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
-    figures = instrument_otel(engine, meter=provider.get_meter("test"))
+    figures = instrument_otel(session_engine, meter=provider.get_meter("test"))
     await figures.refresh()
     data = reader.get_metrics_data()
     assert data is not None
