@@ -30,4 +30,4 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,fastapi,loadtest,charts,prometheus,otel,docs,redis8]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,fastapi,loadtest,charts,cli,prometheus,otel,docs,redis8]'

@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fuzz": ("engine.cli.fuzz", "TARGET: coverage-guided fuzzing of the public entries (atheris)"),
     "sessions": ("engine.cli.sessions", "list|revoke --user U: see or end a user's sessions"),
 }
-_EXTRAS = "pip install 'redis-session-engine[testing,fastapi,loadtest,charts]'"
+_EXTRAS = "pip install 'redis-session-engine[testing,fastapi,loadtest,charts,cli]'"
 
 
 def _version() -> str:
