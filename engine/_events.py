@@ -32,6 +32,12 @@ connected, so events published while a subscription is down (a primary failing o
 the promoted replica is subscribed) or while the stream's queue is full (counted in
 ``dropped``) are lost for good. Use events for audit trails and caches that tolerate a
 miss, never as the only record of a revocation.
+
+Around a failover the other way round is possible too: a primary demoted to replica keeps
+its subscription until the stream's next reconcile sees the new slot map (about half a
+second once the transport has refreshed it), and a replica applying its new primary's
+writes publishes notifications for them too, so an event may then arrive twice (an expiry
+as a ``revoked``: replicas delete expired keys on their primary's ``DEL``).
 """
 
 from __future__ import annotations
