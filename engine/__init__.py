@@ -8,6 +8,7 @@ from ._errors import (
     ChatRoomLimitExceeded,
     EngineError,
     EngineUnavailable,
+    EventsUnavailable,
     InvalidArgument,
     LimitExceeded,
     OutcomeUnknown,
@@ -18,6 +19,7 @@ from ._errors import (
     SessionLimitExceeded,
     SessionNotFound,
 )
+from ._events import SessionEvent, SessionEventKind, SessionEventStream
 from ._models import EngineStats, MissReasons, NewSession, Session, SessionState
 from ._run import install_uvloop, run
 from ._settings import EngineSettings
@@ -28,6 +30,7 @@ __all__ = [
     "EngineSettings",
     "EngineStats",
     "EngineUnavailable",
+    "EventsUnavailable",
     "InvalidArgument",
     "LimitExceeded",
     "MissReasons",
@@ -39,6 +42,9 @@ __all__ = [
     "Session",
     "SessionConflict",
     "SessionEngine",
+    "SessionEvent",
+    "SessionEventKind",
+    "SessionEventStream",
     "SessionLimitExceeded",
     "SessionNotFound",
     "SessionState",

@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar, cast
 from urllib.parse import unquote
 
 import orjson
@@ -44,6 +44,9 @@ from ._scripts import Script, scripts
 from ._settings import MAX_TTL, MIN_TTL, EngineSettings
 from ._tokens import new_token, parse_token, random_tag, session_id_of
 from ._transport import Transport, TransportOptions, pack
+
+if TYPE_CHECKING:
+    from ._events import SessionEventStream
 
 __all__ = ["SessionEngine"]
 
@@ -1125,6 +1128,32 @@ class SessionEngine:
             lambda reply, _: None,
             operation="chat_clear",
             sessions=False,
+        )
+
+    # -- events -----------------------------------------------------------------------
+
+    def events(
+        self, *, check: bool = True, resolve_users: bool = True, max_queue: int = 10_000
+    ) -> SessionEventStream:
+        """Session events (created, rotated, revoked, expired, evicted) from every primary.
+
+        ``async with engine.events() as events: async for event in events: ...``.
+        Delivery is at most once (Redis pub/sub): events published while a primary fails
+        over, or while the queue is full, are lost. Needs ``notify-keyspace-events`` to
+        include ``Kg$xe`` on every node (checked at start unless ``check=False``). Details
+        in ``engine/_events.py``.
+
+        Args:
+            check: Read ``notify-keyspace-events`` on each primary first and raise
+                ``EventsUnavailable`` naming the missing flags.
+            resolve_users: Read the owner of created and rotated sessions (one GET each).
+            max_queue: Events held for a slow consumer; past it they are dropped (counted
+                in the stream's ``dropped``).
+        """
+        from ._events import SessionEventStream  # noqa: PLC0415 - only for users of events
+
+        return SessionEventStream(
+            self, check=check, resolve_users=resolve_users, max_queue=max_queue
         )
 
     # -- health and stats -------------------------------------------------------------

@@ -21,9 +21,12 @@ Every error the engine raises on purpose is an ``EngineError``::
     │   │                        the limit policy is ``refuse``
     │   └── ChatRoomLimitExceeded
     │                            the user has ``chat_max_rooms_per_user`` chat rooms
-    └── ReplicationIncomplete    ``wait_replicas`` is set and fewer replicas than asked
-                                 acknowledged a write within ``wait_timeout`` (the write
-                                 itself happened on the primary)
+    ├── ReplicationIncomplete    ``wait_replicas`` is set and fewer replicas than asked
+    │                            acknowledged a write within ``wait_timeout`` (the write
+    │                            itself happened on the primary)
+    └── EventsUnavailable        ``events()`` cannot work: a primary's
+                                 ``notify-keyspace-events`` lacks flags it needs (named
+                                 in the message), or cannot be read
 
 Errors of the library below (redis-py, sockets, hiredis) are mapped to this tree in one
 place, ``map_reply_error`` and the transport, always with ``raise ... from``.
@@ -37,6 +40,7 @@ __all__ = [
     "ChatRoomLimitExceeded",
     "EngineError",
     "EngineUnavailable",
+    "EventsUnavailable",
     "InvalidArgument",
     "LimitExceeded",
     "OutcomeUnknown",
@@ -220,3 +224,13 @@ class ReplicationIncomplete(EngineError):
         self.acknowledged = acknowledged
         self.wanted = wanted
         self.result = result
+
+
+class EventsUnavailable(EngineError):
+    """``SessionEngine.events()`` cannot deliver events from a primary.
+
+    Its ``notify-keyspace-events`` lacks flags the events need (the message names the
+    node, the missing flags and the ``CONFIG SET`` that adds them), or the setting cannot
+    be read (a managed Redis that renames CONFIG: pass ``check=False`` after setting it
+    through the provider's own parameter groups).
+    """

@@ -31,27 +31,32 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine import EngineSettings, EngineStats, EngineUnavailable, Session, SessionEngine
-from engine.fastapi import SessionAuth, engine_lifespan, get_engine, install_error_handlers
+from engine import EngineSettings, EngineUnavailable, Session, SessionEngine
+from engine.fastapi import (
+    STATE_ATTRIBUTE,
+    SessionAuth,
+    engine_lifespan,
+    get_engine,
+    install_error_handlers,
+)
+from engine.metrics import PrometheusCollector
 
 __all__ = ["app", "create_app"]
 
 log = logging.getLogger("loadtest.app")
 
 STATS_MAX_AGE = 1.0
-"""Seconds a stats snapshot is reused by /metrics (it costs INFO, DBSIZE and SCAN per node)."""
+"""Seconds a cluster snapshot is reused by /metrics (it costs INFO, DBSIZE and SCAN per node)."""
 
 Engine = Annotated[SessionEngine, Depends(get_engine)]
 
@@ -67,71 +72,6 @@ class TokenOut(BaseModel):
 
 class ChatIn(BaseModel):
     text: str = Field(min_length=1, max_length=2000)
-
-
-class _StatsCache:
-    """The last ``engine.stats()``; refreshed on scrape when older than ``STATS_MAX_AGE``."""
-
-    def __init__(self) -> None:
-        self.value: EngineStats | None = None
-        self._at = 0.0
-        self._lock = asyncio.Lock()
-
-    async def refresh(self, engine: SessionEngine) -> None:
-        async with self._lock:  # one refresh at a time, however many scrapers
-            if self.value is not None and time.monotonic() - self._at < STATS_MAX_AGE:
-                return
-            try:
-                self.value = await engine.stats()
-            except EngineUnavailable:
-                return  # keep the last snapshot; the counters still move in-process
-            self._at = time.monotonic()
-
-
-class _EngineCollector(Collector):
-    """Exposes the cached ``EngineStats`` as Prometheus metrics (read at scrape time)."""
-
-    def __init__(self, cache: _StatsCache) -> None:
-        self._cache = cache
-
-    def collect(self) -> Iterable[Any]:
-        s = self._cache.value
-        if s is None:
-            return
-        yield CounterMetricFamily(
-            "session_validations", "Tokens validated by this process.", value=s.validations
-        )
-        yield CounterMetricFamily("session_hits", "Validations that found a session.", s.hits)
-        misses = CounterMetricFamily(
-            "session_misses", "Validations that found no session, by reason.", labels=["reason"]
-        )
-        for reason, count in s.misses.model_dump().items():
-            misses.add_metric([reason], count)
-        yield misses
-        yield CounterMetricFamily(
-            "session_engine_errors", "Engine calls that raised EngineUnavailable.", s.errors
-        )
-        latency = GaugeMetricFamily(
-            "session_validate_latency_ms",
-            "validate() latency percentiles over the engine's window.",
-            labels=["quantile"],
-        )
-        for q, v in (("0.5", s.latency_p50_ms), ("0.99", s.latency_p99_ms)):
-            if v is not None:
-                latency.add_metric([q], v)
-        yield latency
-        yield GaugeMetricFamily(
-            "session_active", "Live sessions in the cluster (estimate).", s.active_sessions
-        )
-        memory = GaugeMetricFamily(
-            "redis_used_memory_bytes",
-            "used_memory per primary (node: first 12 hex digits of sha256 of host:port).",
-            labels=["node"],
-        )
-        for node, used in s.used_memory_bytes.items():
-            memory.add_metric([node_label(node)], used)
-        yield memory
-        yield GaugeMetricFamily("redis_primaries", "Primaries the engine routes to.", s.primaries)
 
 
 class _LatencyMiddleware:
@@ -228,8 +168,6 @@ def create_app(settings: EngineSettings | None = None) -> FastAPI:
         settings: Engine settings; ``EngineSettings()`` from ``ENGINE_*`` at startup if omitted.
     """
     registry = CollectorRegistry()
-    cache = _StatsCache()
-    registry.register(_EngineCollector(cache))
     histogram = Histogram(
         "http_request_duration_seconds",
         "HTTP request latency by endpoint.",
@@ -242,6 +180,15 @@ def create_app(settings: EngineSettings | None = None) -> FastAPI:
     current_session = Annotated[Session, Depends(auth.require_session)]
     current_token = Annotated[str, Depends(auth.current_token)]
     app = FastAPI(title="session engine reference service", lifespan=_lifespan(settings))
+    # The engine's own figures (engine.metrics): counters, a latency histogram, breakers,
+    # in-flight calls and the cluster's size, read at scrape time. The engine opens at
+    # startup, so the collector asks the app for it.
+    engine_metrics = PrometheusCollector(
+        lambda: getattr(app.state, STATE_ATTRIBUTE, None),
+        cluster_refresh=STATS_MAX_AGE,
+        node_label=node_label,
+    )
+    registry.register(engine_metrics)
     install_error_handlers(app, realm=auth.realm)
     app.add_middleware(_LatencyMiddleware, histogram=histogram)
 
@@ -308,8 +255,8 @@ def create_app(settings: EngineSettings | None = None) -> FastAPI:
         return {"status": "ok", "primaries": primaries}
 
     @app.get("/metrics")
-    async def metrics(engine: Engine) -> Response:
-        await cache.refresh(engine)
+    async def metrics() -> Response:
+        await engine_metrics.refresh()
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

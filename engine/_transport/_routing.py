@@ -247,6 +247,15 @@ class Transport:
             node = self._nodes[(host, port)] = Node(self, host, port)
         return node
 
+    @property
+    def db(self) -> int:
+        """The database number (0 on a cluster; ``SELECT``ed on a plain server)."""
+        return self._db
+
+    def nodes(self) -> list[Node]:
+        """Every node met so far (former primaries too), for read-only use: metrics."""
+        return list(self._nodes.values())
+
     def primaries(self) -> list[Node]:
         """The nodes that serve at least one slot now."""
         seen: dict[str, Node] = {}

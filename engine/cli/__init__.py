@@ -34,8 +34,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "the ACL SETUSER rule of a least-privilege engine user (--prefix, --features)",
     ),
     "fuzz": ("engine.cli.fuzz", "TARGET: coverage-guided fuzzing of the public entries (atheris)"),
+    "sessions": ("engine.cli.sessions", "list|revoke --user U: see or end a user's sessions"),
 }
-_EXTRAS = "pip install 'redis-session-engine[testing,fastapi,loadtest,charts]'"
+_EXTRAS = "pip install 'redis-session-engine[testing,fastapi,loadtest,charts,cli]'"
 
 
 def _version() -> str:
