@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ._events import keyspace_pattern
 from ._scripts import scripts
 
 __all__ = [
@@ -68,6 +69,8 @@ BASE = Feature(
     ),
 )
 
+_PREFIXED_KEYSPACE = "<keyspace-of-prefix>"  # replaced by keyspace_pattern(prefix)
+
 FEATURES: dict[str, Feature] = {
     f.name: f
     for f in (
@@ -109,6 +112,13 @@ FEATURES: dict[str, Feature] = {
                 "ping",
             ),
             channels=("__redis__:invalidate",),
+        ),
+        Feature(
+            "events",
+            "engine.events(): keyspace notifications of session keys, on every primary "
+            "(checks notify-keyspace-events; GET resolves the owner of a new session)",
+            commands=("psubscribe", "config|get", "get"),
+            channels=(_PREFIXED_KEYSPACE,),
         ),
         Feature(
             "select_db",
@@ -181,7 +191,9 @@ def permissions(prefix: str, features: Iterable[str] = DEFAULT_FEATURES) -> Perm
     channels: set[str] = set()
     for feature in _features(features):
         commands.update(feature.commands)
-        channels.update(feature.channels)
+        channels.update(
+            keyspace_pattern(prefix) if c == _PREFIXED_KEYSPACE else c for c in feature.channels
+        )
         for script in feature.scripts:
             commands.update(script_commands(script))
     return Permissions(

@@ -177,6 +177,12 @@ def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
+def keyspace_pattern(prefix: str, db: int = 0) -> str:
+    """The PSUBSCRIBE pattern of the session keys' notifications (also the ACL channel:
+    Redis matches a PSUBSCRIBE pattern against the allowed ones literally)."""
+    return f"__keyspace@{db}__:{_glob_escape(prefix)}:{{*}}:s:*"
+
+
 class SessionEventStream:
     """An async iterator of ``SessionEvent`` (``SessionEngine.events()`` makes one).
 
@@ -290,8 +296,7 @@ class SessionEventStream:
         transport = self._engine.transport
         if self._check:
             await self._check_flags(node)
-        prefix = _glob_escape(self._engine.settings.key_prefix)
-        pattern = f"__keyspace@{transport.db}__:{prefix}:{{*}}:s:*"
+        pattern = keyspace_pattern(self._engine.settings.key_prefix, transport.db)
         commands = [*transport.handshake, pack(("PSUBSCRIBE", pattern))]
         loop = self.loop
         timeout = max(transport.options.connect_timeout, 1.0)

@@ -91,8 +91,10 @@ def test_the_rule_is_least_privilege_and_keyed_to_the_prefix() -> None:
         cache.commands
     )
     assert cache.channels == ("__redis__:invalidate",)
+    events = permissions("app", ["events"])
+    assert events.channels == ("__keyspace@0__:app:{*}:s:*",)  # literal, as PSUBSCRIBE needs
     with pytest.raises(ValueError, match="unknown feature"):
-        permissions("app", ["events"])
+        permissions("app", ["replica_fallback"])
 
 
 def test_cli_prints_the_rule() -> None:
@@ -138,6 +140,34 @@ async def test_the_whole_contract_runs_as_the_least_privilege_user(cl: LocalClus
         assert stats.primaries == 3 and stats.active_sessions >= 1
         assert await eng.revoke_user("alice") == 1
         assert await eng.validate(rotated.token) is None
+
+
+async def test_local_cache_and_events_run_as_the_least_privilege_user(cl: LocalCluster) -> None:
+    """The local cache (tracking, subscriber, probes) and events, with their features only."""
+    from engine._events import REQUIRED_FLAGS
+
+    for node in cl.nodes:
+        cl.run(node.port, "CONFIG", "SET", "notify-keyspace-events", REQUIRED_FLAGS)
+    set_user(
+        cl, acl_setuser_args(USER, PREFIX, ["sessions", "local_cache", "events"], password=PASSWORD)
+    )
+    async with engine_as_user(cl, local_cache_size=100) as eng:
+        cache = eng._cache
+        assert cache is not None
+        async with eng.events() as events:
+            new = await eng.create(user_id="carol")
+            event = await asyncio.wait_for(events.__anext__(), 10)
+            assert event.kind == "created" and event.user_id == "carol"
+        for _ in range(300):  # tracking is set up in the background: hits come once it is
+            assert await eng.validate(new.token) is not None
+            if cache.hits:
+                break
+            await asyncio.sleep(0.02)
+        assert cache.hits, "no local hit as the least-privilege user"
+        assert not any(t.refused for t in cache.trackers.values())
+        await asyncio.sleep(3 * cache.probe_period)  # probes (PING, CLUSTER INFO) pass too
+        assert all(t.ready for t in cache.trackers.values())
+        await eng.revoke_user("carol")
 
 
 # -- one permission less -------------------------------------------------------------------

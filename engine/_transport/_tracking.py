@@ -256,6 +256,7 @@ class Tracker:
         transport = node.owner
         loop = transport.loop
         timeout = transport.options.connect_timeout
+        transport.refresh_credentials()  # a rotated password or certificate, as for any connect
         sub = Subscriber(self._on_keys, self._on_sub_lost)
         try:
             await asyncio.wait_for(
