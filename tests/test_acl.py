@@ -204,7 +204,7 @@ async def _first_failure(cl: LocalCluster, **fields: Any) -> BaseException:
         ("script|load", "SCRIPT LOAD"),  # at open()
         ("evalsha", "create"),  # the first call
         ("time", "create"),  # refused inside a script: named from the script's source
-        ("set", "create"),
+        ("append", "create"),
         ("rpush", "chat_append"),
         ("lrange", "chat_history"),
         ("info", "INFO"),  # stats()
