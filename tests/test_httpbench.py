@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,7 @@ def test_tiny_run_has_a_row_per_system(tmp_path: Path) -> None:
         ",".join(systems),
         "--json",
         str(out),
+        "--markdown",  # the tables as bench.md records them
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=220, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -120,3 +122,22 @@ def test_tiny_run_has_a_row_per_system(tmp_path: Path) -> None:
     assert len(result["runs"]) == 4 * len(systems)
     assert result["machine"]["redis"]
     assert result["redis_rtt"]["mean_ms"] > 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_json_alone_goes_to_stdout_and_the_tables_to_stderr() -> None:
+    cmd = [sys.executable, "-m", "engine", "bench", "--http", "--systems", "engine"]
+    cmd += ["--seconds", "1", "--seq-seconds", "1", "--warmup", "1", "--rounds", "1"]
+    cmd += ["--connections", "2", "--replicas", "0", "--primaries", "1", "--json"]
+    env = {k: v for k, v in os.environ.items() if k != "FORCE_COLOR"}
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False, env=env
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)  # nothing but the JSON on stdout
+    assert [row["system"] for row in result["summary"]] == ["engine"]
+    assert result["summary"][0]["me_rps"] > 0
+    # The report, in plain text: a rich table's header, no Markdown, no escape codes.
+    assert "/me against /bare" in proc.stderr and "| /me |" not in proc.stderr
+    assert "\x1b" not in proc.stderr

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -54,6 +54,7 @@ from typing import IO, Any, Final
 from ..testing import LocalCluster
 from . import CHECKOUT
 from .console import (
+    Progress,
     add_json_option,
     add_markdown_option,
     print_table,
@@ -411,7 +412,7 @@ class Bench:
     servers: list[Server]
     clients: dict[str, list[Any]]  # system key -> one redis client per primary
     runs: list[dict[str, Any]] = field(default_factory=list)
-    say: Callable[[str], None] = print
+    progress: Progress = field(default_factory=Progress)
 
     def wrk_run(self, server: Server, path: str, connections: int, seconds: int) -> dict[str, Any]:
         headers = ["-H", f"Cookie: {server.cookie}"] if path == "/me" else []
@@ -445,28 +446,33 @@ class Bench:
         return row
 
     def measure(self) -> None:
+        """Warm-up, then the load and the sequential phase: one live line each (every
+        run's figures are in the tables and the JSON)."""
         a = self.args
-        self.say(f"warm-up: {a.warmup} s per endpoint and system")
         for server in self.servers:
             for path in ("/bare", "/me"):
+                self.progress.update(f"warm-up: {server.system.key} {path}, {a.warmup} s")
                 self.wrk_run(server, path, a.connections, a.warmup)
+        self.progress.done(f"warm-up: {a.warmup} s per endpoint and system")
         for kind, conns, seconds in (
             ("load", a.connections, a.seconds),
             ("sequential", 1, a.seq_seconds),
         ):
+            count = 0
             for rnd in range(1, a.rounds + 1):
                 for server in self.servers:
                     for path in ("/bare", "/me"):
+                        where = f"{kind}: round {rnd}/{a.rounds}, {server.system.key} {path}"
+                        self.progress.update(f"{where}, wrk {seconds} s ...")
                         row = self.wrk_run(server, path, conns, seconds)
                         row |= {"system": server.system.key, "path": path, "kind": kind}
                         row["round"] = rnd
                         self.runs.append(row)
-                        self.say(
-                            f"  {kind} round {rnd} {server.system.key:<13} {path:<5} "
-                            f"{row['rps']:>9,.0f} req/s  p50 {row['p50_ms']:.3f} ms  "
-                            f"p99 {row['p99_ms']:.3f} ms  {row['cpu_us_per_req']:.0f} us CPU  "
-                            f"{row['redis_cmds_per_req']:.2f} cmds"
+                        count += 1
+                        self.progress.update(
+                            f"{where}: {row['rps']:,.0f} req/s, p99 {row['p99_ms']:.2f} ms"
                         )
+            self.progress.done(f"{kind}: {count} runs of {seconds} s, {conns} connection(s)")
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -832,7 +838,7 @@ def execute(args: argparse.Namespace) -> int:
             return 1
         rtt_port = (cluster or single).primaries()[0].port  # type: ignore[union-attr]
         rtt = _ping_rtt_ms(rtt_port)
-        bench = Bench(args, wrk, ready, clients, say=say)
+        bench = Bench(args, wrk, ready, clients)
         bench.measure()
     keys = [s.system.key for s in ready]
     result: dict[str, Any] = {
