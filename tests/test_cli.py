@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from engine import SessionEngine
 from engine.cli import COMMANDS, main
 from engine.testing import LocalCluster
 
@@ -150,3 +152,22 @@ def test_cluster_up_status_down_json(tmp_path: Path) -> None:
     finally:
         if (tmp_path / "cluster.json").exists():  # a failed assertion must not leak servers
             LocalCluster.from_state_file(tmp_path / "cluster.json").stop()
+
+
+async def test_sessions_list_table_and_json_file(
+    engine: SessionEngine, cluster_url: str, prefix: str, tmp_path: Path
+) -> None:
+    made = [await engine.create(user_id="carol") for _ in range(2)]
+    where = ("--user", "carol", "--url", cluster_url, "--prefix", prefix)
+    table = await asyncio.to_thread(_engine, "sessions", "list", *where)
+    assert table.returncode == 0, table.stderr
+    assert "\x1b" not in table.stdout
+    for new in made:
+        (row,) = [line for line in table.stdout.splitlines() if new.session.session_id in line]
+        assert row.split()[:2] == [new.session.session_id, "active"]
+        assert new.token not in table.stdout
+    target = tmp_path / "sessions.json"
+    saved = await asyncio.to_thread(_engine, "sessions", "list", *where, "--json", str(target))
+    assert saved.returncode == 0 and "SESSION ID" in saved.stdout  # a file: the table stays
+    listed = json.loads(target.read_text())
+    assert {s["session_id"] for s in listed} == {n.session.session_id for n in made}
