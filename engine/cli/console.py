@@ -120,7 +120,7 @@ _UNWRAPPED: Final = 100_000
 
 def right(header: str) -> Column:
     """A right-aligned (numeric) column."""
-    return Column(header, justify="right")
+    return Column(header, justify="right", overflow="fold")
 
 
 def _cell(value: Cell) -> str:
@@ -168,7 +168,9 @@ def print_table(
         stream.flush()
         return
     table = Table(
-        *(Column(c) if isinstance(c, str) else c for c in columns),
+        # fold: on a narrow terminal a long word breaks over lines instead of losing its
+        # end to an ellipsis (a system's label, a node id are worth reading whole).
+        *(Column(c, overflow="fold") if isinstance(c, str) else c for c in columns),
         title=title,
         title_justify="left",
         box=box.SIMPLE_HEAD,
