@@ -491,3 +491,38 @@ async def test_no_entry_from_before_a_failover_is_served_after_it(
             await cached(b, new.token)
             s = await b.validate(new.token)
             assert s is not None and s.data == {"v": "after"}
+
+
+async def test_a_lost_invalidation_connection_drops_entries_and_tracking_comes_back(
+    cluster_url: str, prefix: str
+) -> None:
+    """CLIENT KILL of the subscriber: what it would have told us is unknowable, so the
+    node's entries go; tracking is set up again on the same data connection (a new
+    REDIRECT), and a later change is seen as before."""
+    async with pair(cluster_url, prefix) as (a, b):
+        new = await a.create(user_id="u1", data={"v": 1})
+        await cached(b, new.token)
+        key = b.keys.session(new.token.split(".", 1)[0], new.session.session_id)
+        tracker = cache_of(b).trackers[b.transport.node_for_slot(cache_of(b).entries[key].slot)]
+        sub = tracker._sub
+        assert sub is not None
+        host, port = tracker.node.host, tracker.node.port
+        killed = await asyncio.to_thread(
+            redis.Redis(host=host, port=port).execute_command, "CLIENT", "KILL", "ID", sub.client_id
+        )
+        assert killed == 1
+        deadline = time.monotonic() + 2
+        while key in cache_of(b).entries:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        assert cache_of(b).drops["connection"] >= 1
+        await until_ready(b)
+        assert tracker._sub is not None and tracker._sub.client_id != sub.client_id
+        await cached(b, new.token)
+        await a.update(new.token, data={"v": 2})
+
+        async def changed() -> bool:
+            s = await b.validate(new.token)
+            return s is not None and s.data == {"v": 2}
+
+        await seen_within(changed)
