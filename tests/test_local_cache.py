@@ -22,6 +22,7 @@ import redis
 from helpers import open_engine
 
 from engine import EngineSettings, EngineUnavailable, SessionEngine, SessionState
+from engine._keys import slot_of_tag
 from engine._local_cache import LocalCache
 from engine.testing import LocalCluster
 
@@ -526,3 +527,49 @@ async def test_a_lost_invalidation_connection_drops_entries_and_tracking_comes_b
             return s is not None and s.data == {"v": 2}
 
         await seen_within(changed)
+
+
+async def test_a_migrated_slot_is_not_served_from_the_old_node(
+    own_cluster: LocalCluster, prefix: str
+) -> None:
+    """The user's slot moves to another primary (CLUSTER SETSLOT + MIGRATE): the entry the
+    old node vouched for is not served after the move; b follows MOVED, caches from the new
+    node, and sees a change made there."""
+    async with pair(own_cluster.url, prefix) as (a, b):
+        new = await a.create(user_id="u1", data={"v": 1})
+        await cached(b, new.token)
+        tag = new.token.split(".", 1)[0]
+        key = b.keys.session(tag, new.session.session_id)
+        slot = slot_of_tag(tag)
+        src = own_cluster.primary_for_key(key)
+        dst = next(p for p in own_cluster.primaries() if p.port != src.port)
+        src_c, dst_c = redis.Redis(port=src.port), redis.Redis(port=dst.port)
+
+        def migrate() -> None:
+            dst_c.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src.node_id)
+            src_c.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst.node_id)
+            keys = src_c.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+            src_c.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *keys)
+            for p in own_cluster.primaries():
+                redis.Redis(port=p.port).execute_command(
+                    "CLUSTER", "SETSLOT", slot, "NODE", dst.node_id
+                )
+
+        await asyncio.to_thread(migrate)
+        deadline = time.monotonic() + 2
+        while key in cache_of(b).entries:  # MIGRATE deleted it on the old node: invalidated
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        s = await b.validate(new.token)  # MOVED, then the new node
+        assert s is not None and s.data == {"v": 1}
+        assert b.transport.node_for_slot(slot).port == dst.port
+        await until_ready(b)
+        await cached(b, new.token)
+        assert cache_of(b).entries[key].tracker.node.port == dst.port
+        await a.update(new.token, data={"v": 2})
+
+        async def changed() -> bool:
+            got = await b.validate(new.token)
+            return got is not None and got.data == {"v": 2}
+
+        await seen_within(changed, bound=0.5)  # a may first follow MOVED itself
