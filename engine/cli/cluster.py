@@ -82,6 +82,7 @@ def _cli_up(args: argparse.Namespace) -> int:
         replicas_per_primary=args.replicas,
         startup_timeout=args.timeout,
         die_with_parent=False,
+        netns=args.netns,
     )
     started = time.monotonic()
     try:
@@ -97,6 +98,12 @@ def _cli_up(args: argparse.Namespace) -> int:
     cl.detach()
     print(cl.url)
     print(_format_table(cl.nodes))
+    if cl.client_address is not None:
+        print(
+            "nodes in network namespaces: "
+            + ", ".join(f"{n.host}:{n.port}" for n in cl.nodes)
+            + f"; this host is {cl.client_address} on their bridge"
+        )
     print(
         f"cluster healthy in {time.monotonic() - started:.1f}s; "
         f"state: {state_file}; node dirs: {cl.base_dir}"
@@ -159,6 +166,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"where the running cluster is recorded ({DEFAULT_STATE_FILE})",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="startup timeout (30s)")
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="each node in its own network namespace on 10.213.0.0/24 (Linux, root)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

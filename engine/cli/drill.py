@@ -35,6 +35,7 @@ from .._run import run
 from .._settings import EngineSettings
 from .._tokens import parse_token
 from ..testing import ClusterNode, LocalCluster, RemoteCluster
+from ..testing._netns import Partitions, netns_unavailable
 from .console import Progress, percentile_ms
 
 Cluster = LocalCluster | RemoteCluster
@@ -77,6 +78,7 @@ class DrillReport:
     error_window_s: float = 0.0
     recovered_s: float | None = None
     promoted_s: float | None = None
+    healed_s: float | None = None  # partition drills: when the network was healed
     acked_creates: int = 0
     lost_creates: int = 0
     acked_revokes: int = 0
@@ -101,7 +103,8 @@ class DrillReport:
                 f"  errors by type: {self.errors_by_type or '{}'}",
                 f"  first error {s(self.first_error_s)} after the fault, "
                 f"error window {self.error_window_s:.2f}s, recovered {s(self.recovered_s)}"
-                + (f" (cluster promoted at {s(self.promoted_s)})" if self.promoted_s else ""),
+                + (f" (cluster promoted at {s(self.promoted_s)})" if self.promoted_s else "")
+                + (f" (network healed at {s(self.healed_s)})" if self.healed_s else ""),
                 f"  acknowledged creates lost: {self.lost_creates} of {self.acked_creates:,}; "
                 f"acknowledged revokes that validated again: {self.resurrected} "
                 f"of {self.acked_revokes:,}",
@@ -365,6 +368,75 @@ async def _slow_node(cl: Cluster, victim: ClusterNode, report: DrillReport) -> N
     report.fault_notes.append(f"5 x DEBUG SLEEP 0.3 on primary {victim.port}, 0.4 s apart")
 
 
+async def _minority_primary(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
+    """The victim primary loses every other node; the client still reaches it.
+
+    It keeps taking writes until it notices it is in the minority (node timeout), while the
+    majority promotes its replica: what it acknowledged in between is lost at the heal.
+    """
+    parts = _partitions(cl)
+    cut = time.monotonic()
+    await _in_thread(parts.isolate, victim.port)
+    await _wait_promoted(cl, victim, report)
+    report.promoted_s = time.monotonic() - cut
+    await asyncio.sleep(PARTITION_AFTER_PROMOTION)
+    await _heal(cl, cut, report)
+    old = await _in_thread(cl.node, victim.port)
+    report.fault_notes.append(
+        f"isolated primary {victim.port} from every node (the client still reached it); "
+        f"its replica was promoted; healed; the old primary is now a {old.role}"
+    )
+
+
+async def _client_cut(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
+    """The client loses one primary; the cluster itself sees nothing wrong."""
+    parts = _partitions(cl)
+    cut = time.monotonic()
+    await _in_thread(parts.cut_client, victim.port)
+    await asyncio.sleep(CLIENT_CUT_SECONDS)
+    await _heal(cl, cut, report)
+    report.fault_notes.append(
+        f"cut the client off primary {victim.port} for {CLIENT_CUT_SECONDS:.0f} s (packets "
+        "dropped, no RST); the nodes still reached each other; healed"
+    )
+
+
+async def _partition_heal(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
+    """Split 3/3: the victim with the other primaries' replicas (a minority of primaries)
+    against the other primaries with the victim's replica; heal once the majority promoted."""
+    parts = _partitions(cl)
+    replica = _replica_of(cl, victim)
+    primaries = await _in_thread(cl.primaries)
+    replicas = await _in_thread(cl.replicas)
+    majority = [p.port for p in primaries if p.port != victim.port] + [replica.port]
+    minority = [victim.port] + [r.port for r in replicas if r.port != replica.port]
+    cut = time.monotonic()
+    await _in_thread(parts.split, majority, minority)
+    await _wait_promoted(cl, victim, report)
+    report.promoted_s = time.monotonic() - cut
+    await asyncio.sleep(PARTITION_AFTER_PROMOTION)
+    await _heal(cl, cut, report)
+    report.fault_notes.append(
+        f"split {majority} | {minority}; the majority promoted {replica.port}; healed"
+    )
+
+
+async def _heal(cl: Cluster, cut: float, report: DrillReport) -> None:
+    await _in_thread(_partitions(cl).heal)
+    report.healed_s = time.monotonic() - cut
+    await _in_thread(cl.wait_healthy, 30.0)
+
+
+def _partitions(cl: Cluster) -> Partitions:
+    if not isinstance(cl, LocalCluster):
+        raise RuntimeError("partition drills need a LocalCluster started with netns=True")
+    return cl.partitions
+
+
+PARTITION_AFTER_PROMOTION = 1.0  # seconds the partition lasts once the majority promoted
+CLIENT_CUT_SECONDS = 4.0
+
+
 SCENARIOS: dict[str, Fault] = {
     "kill-primary": _kill_primary,
     "manual-failover": _replica_failover(None),
@@ -376,7 +448,13 @@ SCENARIOS: dict[str, Fault] = {
     "restart-all": _restart_all,
     "slow-node": _slow_node,
     "replica-down": _replica_down,
+    "minority-primary": _minority_primary,
+    "client-cut": _client_cut,
+    "partition-heal": _partition_heal,
 }
+
+PARTITION_SCENARIOS = ("minority-primary", "client-cut", "partition-heal")
+"""Drills on a cluster whose nodes are separate hosts (``LocalCluster(netns=True)``)."""
 
 
 def cluster_options(scenario: str, full_coverage: bool = False) -> dict[str, Any]:
@@ -387,6 +465,8 @@ def cluster_options(scenario: str, full_coverage: bool = False) -> dict[str, Any
     opts: dict[str, Any] = {"primaries": 3, "replicas_per_primary": 1, "extra_config": extra}
     if scenario == "restart-all":
         opts["persistence"] = True
+    if scenario in PARTITION_SCENARIOS:
+        opts["netns"] = True
     return opts
 
 
@@ -605,7 +685,8 @@ def _remote_refusal(args: argparse.Namespace, names: Sequence[str]) -> str | Non
     refused = [n for n in names if n not in REMOTE_SCENARIOS]
     if refused:
         return (
-            f"{', '.join(refused)}: needs process control (kill/SIGSTOP); with --url only "
+            f"{', '.join(refused)}: needs process control (kill/SIGSTOP) or the nodes' "
+            f"network (partitions); with --url only "
             f"{', '.join(REMOTE_SCENARIOS)} run. Use a LocalCluster (drop --url)."
         )
     return None
@@ -634,6 +715,15 @@ def execute(args: argparse.Namespace) -> int:
     if args.url and (refusal := _remote_refusal(args, names)):
         print(refusal, file=sys.stderr)
         return 2
+    no_netns = netns_unavailable()
+    if no_netns and not args.url:
+        skipped = [n for n in names if n in PARTITION_SCENARIOS]
+        if skipped and len(names) == 1:
+            print(f"{names[0]}: cannot run here: {no_netns}", file=sys.stderr)
+            return 2
+        for name in skipped:
+            print(f"{name}: skipped: {no_netns}")
+        names = [n for n in names if n not in skipped]
     args.out.mkdir(parents=True, exist_ok=True)
     clean = True
     for name in names:
