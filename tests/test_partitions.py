@@ -199,6 +199,9 @@ async def _drill(
     assert not [n for n in report.fault_notes if "failed" in n], report.fault_notes
     assert report.calls > rate * 3
     assert report.healed_s is not None
+    # Fail closed AND bounded: no call hangs on a silent network past its deadline
+    # (command_timeout 0.5 s, plus 2 x wait_timeout 0.5 s for a durable write), + slack.
+    assert report.slowest_failure_s <= 0.5 + 2 * 0.5 + 0.5, report.summary()
     return report
 
 

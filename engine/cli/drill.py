@@ -79,6 +79,7 @@ class DrillReport:
     recovered_s: float | None = None
     promoted_s: float | None = None
     healed_s: float | None = None  # partition drills: when the network was healed
+    slowest_failure_s: float = 0.0  # the longest any failed call took to fail
     acked_creates: int = 0
     lost_creates: int = 0
     acked_revokes: int = 0
@@ -100,7 +101,8 @@ class DrillReport:
                 f"{self.sessions:,} sessions, {self.rate:,.0f} ops/s offered)",
                 f"  calls {self.calls:,}, failed {self.failed_calls:,} "
                 f"(faulted shard {self.failed_victim:,}, other shards {self.failed_other:,})",
-                f"  errors by type: {self.errors_by_type or '{}'}",
+                f"  errors by type: {self.errors_by_type or '{}'}; the slowest failure took "
+                f"{self.slowest_failure_s:.2f}s",
                 f"  first error {s(self.first_error_s)} after the fault, "
                 f"error window {self.error_window_s:.2f}s, recovered {s(self.recovered_s)}"
                 + (f" (cluster promoted at {s(self.promoted_s)})" if self.promoted_s else "")
@@ -138,6 +140,7 @@ class _Load:
         self.rnd = random.Random(7)
         self.resurrected: set[str] = set()
         self.unconfirmed_revokes: set[str] = set()
+        self.slowest_failure = 0.0
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -202,6 +205,7 @@ class _Load:
             if victim and read:
                 b.victim_validations.append(took)
         else:
+            self.slowest_failure = max(self.slowest_failure, time.monotonic() - start)
             b.errors[error] = b.errors.get(error, 0) + 1
             if victim:
                 b.victim_errors += 1
@@ -590,6 +594,7 @@ def _summarise(report: DrillReport, load: _Load, fault_done: float) -> None:
             }
         )
     report.calls = load.calls
+    report.slowest_failure_s = load.slowest_failure
     report.failed_calls = report.failed_victim + report.failed_other
     report.first_error_s = first_error
     report.last_error_s = last_error
