@@ -73,6 +73,7 @@ class DrillReport:
     failed_victim: int = 0
     failed_other: int = 0
     errors_by_type: dict[str, int] = field(default_factory=dict)
+    other_errors_by_type: dict[str, int] = field(default_factory=dict)  # off the faulted shard
     first_error_s: float | None = None
     last_error_s: float | None = None
     error_window_s: float = 0.0
@@ -100,7 +101,9 @@ class DrillReport:
                 f"drill {self.scenario} (wait_replicas={self.wait_replicas}, "
                 f"{self.sessions:,} sessions, {self.rate:,.0f} ops/s offered)",
                 f"  calls {self.calls:,}, failed {self.failed_calls:,} "
-                f"(faulted shard {self.failed_victim:,}, other shards {self.failed_other:,})",
+                f"(faulted shard {self.failed_victim:,}, other shards {self.failed_other:,}"
+                + (f": {self.other_errors_by_type}" if self.other_errors_by_type else "")
+                + ")",
                 f"  errors by type: {self.errors_by_type or '{}'}; the slowest failure took "
                 f"{self.slowest_failure_s:.2f}s",
                 f"  first error {s(self.first_error_s)} after the fault, "
@@ -141,6 +144,7 @@ class _Load:
         self.resurrected: set[str] = set()
         self.unconfirmed_revokes: set[str] = set()
         self.slowest_failure = 0.0
+        self.other_errors_by_type: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -183,9 +187,10 @@ class _Load:
                 read = False
                 try:
                     deleted = await self.eng.revoke(token)
-                except ReplicationIncomplete:
-                    # Deleted on the primary, unconfirmed on the replicas: not counted as
-                    # acknowledged, but its session is gone (not a lost create).
+                except EngineError:
+                    # ReplicationIncomplete: deleted on the primary, unconfirmed on the
+                    # replicas; OutcomeUnknown or a late reply: maybe deleted. Not counted as
+                    # acknowledged, and its session may be gone: not a lost create either.
                     self.unconfirmed_revokes.add(token)
                     raise
                 if deleted:
@@ -211,6 +216,7 @@ class _Load:
                 b.victim_errors += 1
             else:
                 b.other_errors += 1
+                self.other_errors_by_type[error] = self.other_errors_by_type.get(error, 0) + 1
 
     async def run(self) -> None:
         start = time.monotonic()
@@ -595,6 +601,7 @@ def _summarise(report: DrillReport, load: _Load, fault_done: float) -> None:
         )
     report.calls = load.calls
     report.slowest_failure_s = load.slowest_failure
+    report.other_errors_by_type = dict(load.other_errors_by_type)
     report.failed_calls = report.failed_victim + report.failed_other
     report.first_error_s = first_error
     report.last_error_s = last_error
