@@ -249,3 +249,29 @@ async def test_partition_drill_full_scale(scenario: str, wait_replicas: int) -> 
         assert report.failed_other == 0, report.summary()
     if wait_replicas:
         assert report.lost_creates == 0 and report.resurrected == 0, report.summary()
+
+
+def test_bench_network_measures_both_paths(tmp_path: Path) -> None:
+    out = tmp_path / "net.json"
+    small = ["--sessions", "500", "--seconds", "0.5", "--rounds", "1", "--rate", "500"]
+    small += ["--concurrency", "8", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "bench", "--network", *small],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| validate, 1 in flight |" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["netns_url"].startswith("redis://10.213.0.")
+    assert result["loopback_url"].startswith("redis://127.0.0.1:")
+    for label in ("loopback", "netns"):
+        assert [r["name"] for r in result[label]] == [
+            "redis-benchmark PING, 1 connection",
+            "validate, 1 in flight",
+            "validate, 8 in flight",
+            "validate @ 500/s",
+        ]
+        assert all(r["ops_per_s"] and r["ops_per_s"] > 0 for r in result[label])

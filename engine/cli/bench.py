@@ -450,6 +450,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="validate over loopback and over network namespaces (veth + bridge) in one "
         "run (Linux, root; see engine/cli/netbench.py)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="--network: alternating rounds per measurement"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,9 +6,14 @@ one whose nodes are separate hosts (``LocalCluster(netns=True)``: each node in a
 namespace of its own, reached from this process through a veth pair and a bridge). The same
 measurements run against each, alternating (each measurement on one, then on the other):
 
+* ``redis-benchmark`` PING over one connection (the bare round trip, C client),
 * one validation at a time (the round trip a request pays when the service is idle),
 * ``--concurrency`` validations in flight (throughput, auto-pipelined),
 * fixed offered loads (``--rate``; open loop, latency from the call).
+
+Each measurement runs in ``--rounds`` short rounds that alternate between the two clusters
+(``--seconds`` is split between them); a row is the median of its rounds, so a burst of
+load from elsewhere on a shared machine hits one round, not one network.
 
 What the namespace path adds is the kernel's real network stack (veth, bridge, netfilter
 hooks, no loopback shortcuts); there is no wire and no propagation delay, so the gap is a
@@ -21,9 +26,13 @@ import argparse
 import asyncio
 import contextlib
 import random
+import shutil
+import statistics
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from .._engine import SessionEngine
 from .._settings import EngineSettings
@@ -48,29 +57,67 @@ async def _measure(urls: dict[str, str], args: argparse.Namespace) -> dict[str, 
             eng = await stack.enter_async_context(SessionEngine(settings))
             progress.done(f"[{label}] creating {args.sessions:,} sessions ...")
             ops[label] = await _validate_op(eng, args.sessions)
-        for concurrency in (1, args.concurrency):
-            for label, op in ops.items():
-                rows[label].append(
-                    await _closed_loop(
-                        f"validate, {concurrency} in flight",
-                        op,
-                        concurrency=concurrency,
-                        seconds=args.seconds,
-                        progress=progress,
-                    )
-                )
-        for rate in args.rate:
-            for label, op in ops.items():
-                rows[label].append(
-                    await _open_loop(
-                        f"validate @ {rate:,}/s",
-                        op,
-                        rate=rate,
-                        seconds=args.seconds,
-                        progress=progress,
-                    )
-                )
+        measurements = [(f"validate, {c} in flight", c, None) for c in (1, args.concurrency)]
+        measurements += [(f"validate @ {rate:,}/s", None, rate) for rate in args.rate]
+        rounds = max(1, args.rounds)
+        for name, concurrency, rate in [(_PING_ROW, None, None), *measurements]:
+            seen: dict[str, list[Row]] = {label: [] for label in ops}
+            secs = args.seconds / rounds
+            for _ in range(rounds):
+                for label, op in ops.items():
+                    if name == _PING_ROW:
+                        row = await asyncio.to_thread(_ping_rtt, urls[label], 20_000)
+                    elif concurrency is not None:
+                        row = await _closed_loop(
+                            name, op, concurrency=concurrency, seconds=secs, progress=progress
+                        )
+                    else:
+                        row = await _open_loop(
+                            name, op, rate=float(rate or 0), seconds=secs, progress=progress
+                        )
+                    seen[label].append(row)
+            for label, runs in seen.items():
+                rows[label].append(_median_row(name, runs))
     return rows
+
+
+_PING_ROW = "redis-benchmark PING, 1 connection"
+
+
+def _ping_rtt(url: str, requests: int) -> Row:
+    """The bare round trip to the first primary: C client, one connection, no pipelining."""
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        return Row(_PING_ROW, None, note="redis-benchmark not installed")
+    address = urlsplit(url)
+    cmd = [exe, "-h", address.hostname or "", "-p", str(address.port), "-c", "1"]
+    cmd += ["-n", str(requests), "--csv", "-t", "ping_mbulk"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False).stdout
+    # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95..","p99..","max.."
+    fields = out.strip().splitlines()[-1].replace('"', "").split(",") if out.strip() else []
+    try:
+        rps, p50, p99 = float(fields[1]), float(fields[4]), float(fields[6])
+    except (IndexError, ValueError):
+        return Row(_PING_ROW, None, note=f"unexpected redis-benchmark output: {out[:80]!r}")
+    return Row(_PING_ROW, rps, p50, p99, None, None)
+
+
+def _median_row(name: str, runs: list[Row]) -> Row:
+    """One row from several short rounds: the median of each figure (noise-resistant)."""
+
+    def med(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return statistics.median(present) if present else None
+
+    return Row(
+        name,
+        med([r.ops_per_s for r in runs]),
+        med([r.p50_ms for r in runs]),
+        med([r.p99_ms for r in runs]),
+        med([r.p999_ms for r in runs]),
+        med([r.cpu_us_per_op for r in runs]),
+        note=f"median of {len(runs)} alternating rounds",
+    )
 
 
 async def _validate_op(eng: SessionEngine, sessions: int) -> Callable[[int], Awaitable[Any]]:
