@@ -81,6 +81,7 @@ class DrillReport:
     promoted_s: float | None = None
     healed_s: float | None = None  # partition drills: when the network was healed
     slowest_failure_s: float = 0.0  # the longest any failed call took to fail
+    slowest_failure: str = ""  # which call that was, and its error
     acked_creates: int = 0
     lost_creates: int = 0
     acked_revokes: int = 0
@@ -105,7 +106,7 @@ class DrillReport:
                 + (f": {self.other_errors_by_type}" if self.other_errors_by_type else "")
                 + ")",
                 f"  errors by type: {self.errors_by_type or '{}'}; the slowest failure took "
-                f"{self.slowest_failure_s:.2f}s",
+                f"{self.slowest_failure_s:.2f}s ({self.slowest_failure or '-'})",
                 f"  first error {s(self.first_error_s)} after the fault, "
                 f"error window {self.error_window_s:.2f}s, recovered {s(self.recovered_s)}"
                 + (f" (cluster promoted at {s(self.promoted_s)})" if self.promoted_s else "")
@@ -144,6 +145,7 @@ class _Load:
         self.resurrected: set[str] = set()
         self.unconfirmed_revokes: set[str] = set()
         self.slowest_failure = 0.0
+        self.slowest_failure_what = ""
         self.other_errors_by_type: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -166,7 +168,9 @@ class _Load:
         victim = self.is_victim(token)
         start = time.monotonic()
         error: str | None = None
+        failure: EngineError | None = None
         read = True
+        op = "validate"
         try:
             if roll < 0.05 and self.revoked:
                 # Revoked tokens must stay dead, whatever happens to the cluster.
@@ -178,6 +182,7 @@ class _Load:
                 await self.eng.validate(token)
             elif roll < 0.93:
                 read = False
+                op = "create"
                 user = f"drill-{rnd.randrange(5000)}"
                 victim = slot_of_tag(self.eng.keys.user_tag(user)) in self.victim_slots
                 new = await self.eng.create(user_id=user, data={"d": 1})
@@ -185,6 +190,7 @@ class _Load:
                 self.live.append(new.token)
             else:
                 read = False
+                op = "revoke"
                 try:
                     deleted = await self.eng.revoke(token)
                 except EngineError:
@@ -195,12 +201,12 @@ class _Load:
                     raise
                 if deleted:
                     self.revoked.append(token)
-        except ReplicationIncomplete:
-            error = "ReplicationIncomplete"
-        except EngineUnavailable:
-            error = "EngineUnavailable"
+        except ReplicationIncomplete as exc:
+            error, failure = "ReplicationIncomplete", exc
+        except EngineUnavailable as exc:
+            error, failure = "EngineUnavailable", exc
         except EngineError as exc:
-            error = type(exc).__name__
+            error, failure = type(exc).__name__, exc
         b = self._bucket()
         self.calls += 1
         if error is None:
@@ -210,7 +216,10 @@ class _Load:
             if victim and read:
                 b.victim_validations.append(took)
         else:
-            self.slowest_failure = max(self.slowest_failure, time.monotonic() - start)
+            took = time.monotonic() - start
+            if took > self.slowest_failure:
+                self.slowest_failure = took
+                self.slowest_failure_what = f"{op}: {type(failure).__name__}: {failure}"
             b.errors[error] = b.errors.get(error, 0) + 1
             if victim:
                 b.victim_errors += 1
@@ -601,6 +610,7 @@ def _summarise(report: DrillReport, load: _Load, fault_done: float) -> None:
         )
     report.calls = load.calls
     report.slowest_failure_s = load.slowest_failure
+    report.slowest_failure = load.slowest_failure_what
     report.other_errors_by_type = dict(load.other_errors_by_type)
     report.failed_calls = report.failed_victim + report.failed_other
     report.first_error_s = first_error
