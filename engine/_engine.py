@@ -14,12 +14,13 @@ import ssl
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar, cast
 from urllib.parse import unquote
 
 import orjson
 from pydantic import BaseModel
 
+from ._credentials import build_ssl_context, password_provider, ssl_provider
 from ._errors import (
     ChatRoomLimitExceeded,
     EngineError,
@@ -35,6 +36,7 @@ from ._errors import (
 )
 from ._keys import ABSOLUTE, CREATED, HEADER_LEN, IDLE, STATE, VERSION, KeySpace, slot_of_tag
 from ._lifecycle import State
+from ._local_cache import LocalCache, Ticket
 from ._metrics import Metrics
 from ._models import EngineStats, MissReasons, NewSession, Session, SessionState, build_session
 from ._payload import encode_data
@@ -42,6 +44,9 @@ from ._scripts import Script, scripts
 from ._settings import MAX_TTL, MIN_TTL, EngineSettings
 from ._tokens import new_token, parse_token, random_tag, session_id_of
 from ._transport import Transport, TransportOptions, pack
+
+if TYPE_CHECKING:
+    from ._events import SessionEventStream
 
 __all__ = ["SessionEngine"]
 
@@ -127,6 +132,7 @@ class SessionEngine:
         self._scripts = scripts()
         self._metrics = Metrics(settings.latency_window)
         self._transport: Transport | None = None
+        self._cache: LocalCache | None = None
         self._state = State.NEW
         self._timeout = settings.command_timeout
         self._idle_ms = round(settings.idle_ttl * 1000)
@@ -163,8 +169,11 @@ class SessionEngine:
         if self._state is State.CLOSED:
             raise EngineError("this engine was closed; make a new one")
         s = self.settings
+        tls_files = ssl_provider(s)  # re-read on reconnect once rotated
         options = TransportOptions(
-            ssl=self._ssl_context(),
+            ssl=tls_files() if tls_files else self._ssl_context(),
+            ssl_provider=tls_files,
+            password_provider=password_provider(s),
             url=s.url,
             username=s.username,
             password=s.password.get_secret_value() if s.password else None,
@@ -175,30 +184,25 @@ class SessionEngine:
             breaker_reset=s.breaker_reset,
         )
         self._transport = await Transport.open(options, list(self._scripts.values()))
+        if s.local_cache_size:
+            self._cache = LocalCache(
+                self._transport, s.local_cache_size, s.local_cache_max_staleness, s.refresh_slack
+            )
+            self._cache.start()
         self._state = State.OPEN
         return self
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context for ``rediss://`` URLs, from the ``tls_*`` settings."""
-        s = self.settings
-        if not s.url.startswith("rediss://"):
-            if s.tls_ca_file or s.tls_cert_file:
-                raise InvalidArgument("tls_* settings need a rediss:// url")
-            return None
-        try:
-            context = ssl.create_default_context(cafile=s.tls_ca_file)
-            if s.tls_cert_file:
-                context.load_cert_chain(s.tls_cert_file, s.tls_key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise InvalidArgument(f"cannot load the TLS files: {exc}") from exc
-        context.check_hostname = s.tls_verify_hostname
-        return context
+        return build_ssl_context(self.settings)
 
     async def aclose(self) -> None:
         """Close the connections. Safe to call more than once."""
         if self._state is State.CLOSED:
             return
         self._state = State.CLOSED
+        if self._cache is not None:
+            self._cache.close()
         if self._transport is not None:
             await self._transport.aclose()
 
@@ -262,9 +266,14 @@ class SessionEngine:
         *,
         operation: str,
         deadline: float | None = None,
+        sessions: bool = True,
     ) -> T:
         """Run a writing script, then ``WAIT`` (on the node's durable connection) if
         ``wait_replicas``.
+
+        ``sessions``: the script may change the sessions of ``tag``'s user, so the local
+        cache drops them, before (reads in flight are not stored) and after (a read that
+        ran before the write and answered late is not served).
 
         ``convert(reply, acknowledged)`` turns the reply into the call's result (and raises
         for replies that wrote nothing, e.g. "not found"). When fewer replicas than asked
@@ -273,14 +282,21 @@ class SessionEngine:
         through ``_write_resending_once``.
         """
         then = self._wait
-        reply = await self._call(
-            tag,
-            _evalsha(script, keys, args),
-            script=script,
-            idempotent=False,
-            then=then,
-            deadline=deadline,
-        )
+        cache = self._cache if sessions else None
+        if cache is not None:
+            cache.forget_tag(tag)
+        try:
+            reply = await self._call(
+                tag,
+                _evalsha(script, keys, args),
+                script=script,
+                idempotent=False,
+                then=then,
+                deadline=deadline,
+            )
+        finally:
+            if cache is not None:
+                cache.forget_tag(tag)
         acked: Any = None
         if then is not None:
             reply, acked = reply
@@ -419,6 +435,10 @@ class SessionEngine:
             _memo_put(self._derived, cast(str, token), derived, self._derived_max)
         return derived
 
+    def _state_set(self, states: Collection[SessionState]) -> Collection[SessionState]:
+        self._states(states)  # the same checks (and errors) as on the way to Redis
+        return states
+
     def _states(self, states: Collection[SessionState] | None) -> bytes:
         if states is None:
             return self._states_cache[_DEFAULT_STATES]
@@ -537,7 +557,6 @@ class SessionEngine:
         Raises:
             EngineUnavailable: Redis did not answer in time. Never "valid" by default.
         """
-        t0 = time.perf_counter()
         m = self._metrics
         m.validations += 1
         # The memo lookup needs a hashable key; anything but a str is not a token anyway.
@@ -545,13 +564,22 @@ class SessionEngine:
         if derived is None:
             m.miss_malformed += 1
             return None
+        transport = self._transport
+        if transport is None or self._state is not State.OPEN:
+            raise EngineError("the engine is not open: use `async with SessionEngine(...)`")
+        cache = self._cache
+        ticket: Ticket | None = None
+        if cache is not None:
+            allowed = _DEFAULT_STATES if states is None else self._state_set(states)
+            hit = self._cache_hit(cache, derived, allowed)
+            if hit is not None:
+                return hit or None
+            ticket = cache.ticket(derived[0])
+        t0 = time.perf_counter()
         if states is None:
             packed = derived[3]
         else:
             packed = self._pack_validate(derived[2], self._states(states))
-        transport = self._transport
-        if transport is None or self._state is not State.OPEN:
-            raise EngineError("the engine is not open: use `async with SessionEngine(...)`")
         deadline = transport.loop.time() + self._timeout
         fut = transport.try_send(derived[0], packed, deadline)
         reply: Any = None
@@ -563,6 +591,8 @@ class SessionEngine:
         if fut is None or (type(reply) is not list and isinstance(reply, Exception)):
             # Slow path: redirects, NOSCRIPT, reconnects, retries, back-pressure; it carries
             # on from the first try's outcome rather than sending the command again first.
+            # Its reply may come from another node: never stored in the local cache.
+            ticket = None
             try:
                 reply = await transport.call(
                     derived[0],
@@ -575,7 +605,26 @@ class SessionEngine:
                 m.errors += 1
                 raise
         m.latency((time.perf_counter() - t0) * 1000.0)
-        return self._validated(derived[1], reply)
+        session = self._validated(derived[1], reply)
+        if ticket is not None and session is not None:
+            self._cache_store(derived, session, reply, ticket)
+        return session
+
+    def _cache_store(
+        self, derived: tuple[int, str, str, bytes], session: Session, reply: Any, ticket: Ticket
+    ) -> None:
+        value: bytes = reply[0]
+        cache = self._cache
+        assert cache is not None
+        cache.store(
+            derived[2],
+            derived[0],
+            session,
+            value.partition(b"|")[2],
+            ticket,
+            reply[1],
+            int(value[IDLE.slice]),
+        )
 
     def _validated(self, sid: str, reply: Any) -> Session | None:
         m = self._metrics
@@ -609,20 +658,23 @@ class SessionEngine:
         """
         states_arg = self._states(states)
         default = states is None
+        allowed = _DEFAULT_STATES if states is None else states
         m = self._metrics
         transport = self.transport
         derived_cache = self._derived
         derive = self._derive
+        cache = self._cache
         batch = self.settings.bulk_batch
         out: list[Session | None] = []
         source = iter(tokens)
         while chunk := list(itertools.islice(source, batch)):
             m.validations += len(chunk)
             items: list[tuple[int, bytes]] = []
-            # Two flat lists, not (position, id) pairs: a tuple per token is one more
-            # object for the garbage collector to walk (measured: +9 % instructions).
+            # Flat lists, not (position, id) pairs: a tuple per token is one more object
+            # for the garbage collector to walk (measured: +9 % instructions).
             positions: list[int] = []
-            sids: list[str] = []
+            sent: list[tuple[int, str, str, bytes]] = []
+            tickets: list[Ticket | None] = []
             for tok in chunk:
                 out.append(None)
                 derived = derived_cache.get(tok) if type(tok) is str else None
@@ -631,23 +683,66 @@ class SessionEngine:
                     if derived is None:
                         m.miss_malformed += 1
                         continue
+                if cache is not None:
+                    hit = self._cache_hit(cache, derived, allowed)
+                    if hit is not None:
+                        out[-1] = hit or None
+                        continue
+                    tickets.append(cache.ticket(derived[0]))
                 if default:
                     items.append((derived[0], derived[3]))
                 else:
                     items.append((derived[0], self._pack_validate(derived[2], states_arg)))
                 positions.append(len(out) - 1)
-                sids.append(derived[1])
+                sent.append(derived)
             if not items:
                 continue
-            replies = await transport.call_many(items, script=self._validate_script)
+            direct = [True] * len(items) if cache is not None else None
+            replies = await transport.call_many(items, script=self._validate_script, direct=direct)
             failed = next((r for r in replies if isinstance(r, EngineUnavailable)), None)
             if failed is not None:
                 m.errors += 1
                 raise EngineUnavailable(f"validate_many: {failed}") from failed
             validated = self._validated
-            for pos, sid, reply in zip(positions, sids, replies, strict=True):
-                out[pos] = validated(sid, reply)
+            for i, (pos, derived, reply) in enumerate(zip(positions, sent, replies, strict=True)):
+                session = out[pos] = validated(derived[1], reply)
+                if direct is not None and session is not None and direct[i]:
+                    ticket = tickets[i]
+                    if ticket is not None:
+                        self._cache_store(derived, session, reply, ticket)
         return out
+
+    def _cache_hit(
+        self,
+        cache: LocalCache,
+        derived: tuple[int, str, str, bytes],
+        allowed: Collection[SessionState],
+    ) -> Session | Literal[False] | None:
+        """The local cache's answer: the session, ``False`` (cached, but its state is not
+        allowed: a miss without Redis), or ``None`` (ask Redis)."""
+        entry = cache.entries.get(derived[2])
+        if entry is None:
+            cache.misses += 1
+            return None
+        tracker = entry.tracker
+        now = time.monotonic()
+        if not (
+            now < entry.until
+            and now < tracker.fresh_until
+            and self.transport.node_for_slot(derived[0]) is tracker.node
+        ):
+            cache.expired(derived[2], entry, now)
+            cache.misses += 1
+            return None
+        m = self._metrics
+        session = entry.session
+        if session.state not in allowed:
+            m.miss_state += 1
+            return False
+        cache.entries.move_to_end(derived[2])
+        cache.hits += 1
+        m.hits += 1
+        return build_session({**session.__dict__, "data": orjson.loads(entry.data)})
 
     async def get(self, token: str) -> Session | None:
         """Read a session in any state without refreshing it; ``None`` if not live."""
@@ -853,6 +948,7 @@ class SessionEngine:
         convert: Callable[[Any, int | None], T],
         *,
         operation: str,
+        sessions: bool = True,
     ) -> T | None:
         """A delete, sent once more (within the same deadline) if its reply was lost.
 
@@ -863,13 +959,27 @@ class SessionEngine:
         deadline = self._write_deadline()
         try:
             return await self._write(
-                script, tag, keys, args, convert, operation=operation, deadline=deadline
+                script,
+                tag,
+                keys,
+                args,
+                convert,
+                operation=operation,
+                deadline=deadline,
+                sessions=sessions,
             )
         except OutcomeUnknown:
             if self.transport.loop.time() >= deadline:
                 raise
         again = await self._write(
-            script, tag, keys, args, convert, operation=operation, deadline=deadline
+            script,
+            tag,
+            keys,
+            args,
+            convert,
+            operation=operation,
+            deadline=deadline,
+            sessions=sessions,
         )
         return again if again else None
 
@@ -990,6 +1100,7 @@ class SessionEngine:
             ),
             appended,
             operation="chat_append",
+            sessions=False,
         )
 
     async def chat_history(self, user_id: str, room_id: str, limit: int = 50) -> list[Any]:
@@ -1016,6 +1127,33 @@ class SessionEngine:
             (self._keys.encode_id(room_id),),
             lambda reply, _: None,
             operation="chat_clear",
+            sessions=False,
+        )
+
+    # -- events -----------------------------------------------------------------------
+
+    def events(
+        self, *, check: bool = True, resolve_users: bool = True, max_queue: int = 10_000
+    ) -> SessionEventStream:
+        """Session events (created, rotated, revoked, expired, evicted) from every primary.
+
+        ``async with engine.events() as events: async for event in events: ...``.
+        Delivery is at most once (Redis pub/sub): events published while a primary fails
+        over, or while the queue is full, are lost. Needs ``notify-keyspace-events`` to
+        include ``Kg$xe`` on every node (checked at start unless ``check=False``). Details
+        in ``engine/_events.py``.
+
+        Args:
+            check: Read ``notify-keyspace-events`` on each primary first and raise
+                ``EventsUnavailable`` naming the missing flags.
+            resolve_users: Read the owner of created and rotated sessions (one GET each).
+            max_queue: Events held for a slow consumer; past it they are dropped (counted
+                in the stream's ``dropped``).
+        """
+        from ._events import SessionEventStream  # noqa: PLC0415 - only for users of events
+
+        return SessionEventStream(
+            self, check=check, resolve_users=resolve_users, max_queue=max_queue
         )
 
     # -- health and stats -------------------------------------------------------------
@@ -1061,6 +1199,7 @@ class SessionEngine:
             used_memory_bytes=memory,
             primaries=len(primaries),
             mode="cluster" if self.transport.cluster else "standalone",
+            **(self._cache.snapshot() if self._cache is not None else {}),
         )
 
     async def _node_stats(self, node: Any) -> tuple[int, int]:

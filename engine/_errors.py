@@ -13,14 +13,20 @@ Every error the engine raises on purpose is an ``EngineError``::
     │   └── PayloadTooLarge      session data or a chat message over its configured size
     ├── SessionNotFound          the session is gone (expired, revoked, never existed)
     ├── SessionConflict          compare-and-set on ``version`` lost the race
+    ├── PermissionDenied         the Redis ACL user lacks a command, key or channel the
+    │                            engine needs (NOPERM); ``python -m engine acl`` prints
+    │                            the rule that grants exactly what it needs
     ├── LimitExceeded            a per-user bound of the settings would be passed
     │   ├── SessionLimitExceeded the user has ``max_sessions_per_user`` live sessions and
     │   │                        the limit policy is ``refuse``
     │   └── ChatRoomLimitExceeded
     │                            the user has ``chat_max_rooms_per_user`` chat rooms
-    └── ReplicationIncomplete    ``wait_replicas`` is set and fewer replicas than asked
-                                 acknowledged a write within ``wait_timeout`` (the write
-                                 itself happened on the primary)
+    ├── ReplicationIncomplete    ``wait_replicas`` is set and fewer replicas than asked
+    │                            acknowledged a write within ``wait_timeout`` (the write
+    │                            itself happened on the primary)
+    └── EventsUnavailable        ``events()`` cannot work: a primary's
+                                 ``notify-keyspace-events`` lacks flags it needs (named
+                                 in the message), or cannot be read
 
 Errors of the library below (redis-py, sockets, hiredis) are mapped to this tree in one
 place, ``map_reply_error`` and the transport, always with ``raise ... from``.
@@ -28,14 +34,18 @@ place, ``map_reply_error`` and the transport, always with ``raise ... from``.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "ChatRoomLimitExceeded",
     "EngineError",
     "EngineUnavailable",
+    "EventsUnavailable",
     "InvalidArgument",
     "LimitExceeded",
     "OutcomeUnknown",
     "PayloadTooLarge",
+    "PermissionDenied",
     "ReplicationIncomplete",
     "SessionConflict",
     "SessionLimitExceeded",
@@ -83,6 +93,22 @@ class SessionConflict(EngineError):
     def __init__(self, message: str, *, current_version: int | None = None) -> None:
         super().__init__(message)
         self.current_version = current_version
+
+
+class PermissionDenied(EngineError):
+    """The Redis ACL user may not run a command (or touch a key or channel) the engine needs.
+
+    A deployment error, not an outage: retrying does not help, the ACL rule must grant it
+    (``python -m engine acl --prefix P --features ...`` prints that rule).
+
+    Attributes:
+        permission: What is missing, as Redis or the script source names it (``'evalsha'``,
+            ``'time'``, ``'keys'``), or ``None`` when the reply did not say.
+    """
+
+    def __init__(self, message: str, *, permission: str | None = None) -> None:
+        super().__init__(message)
+        self.permission = permission
 
 
 class LimitExceeded(EngineError):
@@ -133,8 +159,47 @@ def reply_kind(reply: ReplyError) -> str:
     return message.split(" ", 1)[0]
 
 
+_NOPERM_NAMED = re.compile(r"permissions to (?:run|access) the '([^']+)'")
+# Redis 7.0 does not name the command a script was refused; it names the script's SHA1 and
+# line, from which the script source tells the command.
+_SCRIPT_DENIED = re.compile(r"script: ([0-9a-f]{40}), on @user_script:(\d+)")
+
+
+def permission_denied(reply: ReplyError, *, operation: str) -> PermissionDenied | None:
+    """``PermissionDenied`` naming what is missing if ``reply`` is an ACL refusal, else None.
+
+    Covers NOPERM replies to a command (``... to run the 'evalsha' command``, keys,
+    channels) and refusals inside a script (``ERR The user executing the script can't
+    ...``), where the command is read from the script's source line.
+    """
+    message = str(reply)
+    permission: str | None = None
+    if message.startswith("NOPERM"):
+        named = _NOPERM_NAMED.search(message)
+        permission = named.group(1) if named else ("keys" if "keys" in message else None)
+    elif message.startswith("ERR The user executing the script can't"):
+        from ._acl import denied_script_command  # noqa: PLC0415 - _acl imports the scripts
+
+        where = _SCRIPT_DENIED.search(message)
+        if "access" in message:
+            permission = "keys"
+        elif where is not None:
+            permission = denied_script_command(where.group(1), int(where.group(2)))
+    else:
+        return None
+    what = f"{permission!r}" if permission else "a permission"
+    return PermissionDenied(
+        f"{operation}: the Redis user lacks {what} (`python -m engine acl` prints the rule "
+        f"the engine needs): {message}",
+        permission=permission,
+    )
+
+
 def map_reply_error(reply: ReplyError, *, operation: str) -> EngineError:
     """The one place where a Redis error reply becomes an engine error."""
+    denied = permission_denied(reply, operation=operation)
+    if denied is not None:
+        return denied
     message = str(reply)
     if reply_kind(reply) in _UNAVAILABLE:
         # The server could not do it now (or the deadline ran out mid-redirect): the
@@ -159,3 +224,13 @@ class ReplicationIncomplete(EngineError):
         self.acknowledged = acknowledged
         self.wanted = wanted
         self.result = result
+
+
+class EventsUnavailable(EngineError):
+    """``SessionEngine.events()`` cannot deliver events from a primary.
+
+    Its ``notify-keyspace-events`` lacks flags the events need (the message names the
+    node, the missing flags and the ``CONFIG SET`` that adds them), or the setting cannot
+    be read (a managed Redis that renames CONFIG: pass ``check=False`` after setting it
+    through the provider's own parameter groups).
+    """

@@ -120,6 +120,12 @@ class EngineStats(BaseModel):
         used_memory_bytes: ``used_memory`` per primary, keyed by "host:port".
         primaries: Number of primaries the engine routes to.
         mode: ``"cluster"`` or ``"standalone"``.
+        local_hits: Validations answered by the local cache (0 when it is off).
+        local_misses: Validations the local cache sent to Redis.
+        local_invalidations: Keys the servers said changed (invalidation messages).
+        local_entries: Sessions in the local cache now.
+        local_drops: Entries dropped, by reason (invalidated, write, evicted, expired,
+            moved, connection, flush, silent, cluster_down, closed).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -135,3 +141,8 @@ class EngineStats(BaseModel):
     used_memory_bytes: dict[str, int]
     primaries: int
     mode: str
+    local_hits: int = 0
+    local_misses: int = 0
+    local_invalidations: int = 0
+    local_entries: int = 0
+    local_drops: dict[str, int] = Field(default_factory=dict)

@@ -127,9 +127,19 @@ class EngineSettings(BaseSettings):
     )
     username: str | None = None
     password: SecretStr | None = None
+    password_file: str | None = Field(
+        default=None,
+        description=(
+            "A file holding the password (one line), read at open and again at every "
+            "reconnect once it changed: a rotated password needs no restart. Not with "
+            "password."
+        ),
+    )
 
     tls_ca_file: str | None = Field(
-        default=None, description="CA bundle for rediss:// (default: the system's CAs)."
+        default=None,
+        description="CA bundle for rediss:// (default: the system's CAs). The tls_* files "
+        "are read again at a reconnect once they changed: rotation needs no restart.",
     )
     tls_cert_file: str | None = Field(default=None, description="Client certificate (mTLS).")
     tls_key_file: str | None = Field(default=None, description="Client key (mTLS).")
@@ -227,6 +237,28 @@ class EngineSettings(BaseSettings):
     )
     wait_timeout: float = Field(default=0.5, ge=MIN_TIMEOUT, le=3600)
 
+    local_cache_size: int = Field(
+        default=0,
+        ge=0,
+        le=10_000_000,
+        description=(
+            "Sessions kept in this process after a validation (0: off). A hit answers "
+            "validate without Redis; every change anywhere drops it (server-assisted "
+            "invalidation, CLIENT TRACKING). About 1-2 KiB per entry: see bench.md."
+        ),
+    )
+    local_cache_max_staleness: float = Field(
+        default=0.5,
+        ge=0.05,
+        le=60,
+        description=(
+            "The longest a change made elsewhere may go unseen by this process's local "
+            "cache in any failure (lost messages, a paused or cut-off node): a node's "
+            "entries are served only this long after its last answered liveness probe "
+            "(sent every quarter of it)."
+        ),
+    )
+
     token_memo_size: int = Field(
         default=65_536,
         ge=0,
@@ -249,6 +281,12 @@ class EngineSettings(BaseSettings):
         # The URL may carry a password (redis://user:secret@host): never show it.
         for name, value in super().__repr_args__():
             yield name, (redact_url(value) if name == "url" else value)
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> EngineSettings:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        return self
 
     @model_validator(mode="after")
     def _absolute_covers_idle(self) -> EngineSettings:

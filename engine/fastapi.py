@@ -34,6 +34,8 @@ What it gives you:
   for which ``predicate(session)`` is true; otherwise 403.
 * ``current_token``: the raw token of the request (for logout and rotate endpoints); 401
   when there is none. It does not validate: pair it with ``require_session``.
+* ``admin_router(guard)``: list a user's sessions, revoke one or all, behind a guard
+  dependency the application supplies (``engine/_admin.py``).
 * ``set_session_cookie`` / ``clear_session_cookie``: ``HttpOnly; Secure; SameSite=Lax``
   by default.
 
@@ -170,6 +172,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import APIKeyCookie
 from fastapi.security.base import SecurityBase
 
+from ._admin import SessionInfo, admin_router
 from ._engine import SessionEngine
 from ._errors import (
     ChatRoomLimitExceeded,
@@ -192,6 +195,8 @@ __all__ = [
     "PLAIN_COOKIE",
     "STATE_ATTRIBUTE",
     "SessionAuth",
+    "SessionInfo",
+    "admin_router",
     "clear_session_cookie",
     "current_token",
     "default_auth",

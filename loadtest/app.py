@@ -7,6 +7,12 @@ Run it against any cluster node (settings come from ``ENGINE_*`` variables)::
 Endpoints: ``POST /login``, ``GET /me``, ``POST|GET /chat/{room}``, ``POST /rotate``,
 ``POST /logout``, ``POST /logout-all``, ``GET /healthz``, ``GET /metrics`` (Prometheus).
 
+Start-up waits for the cluster: while no seed of ``ENGINE_URL`` answers (a name that does not
+resolve yet, a cluster still forming), the app logs why and tries again every second for
+``APP_STARTUP_RETRY`` seconds (default 0: fail at once, as ``engine_lifespan`` does), then
+fails start-up, so a supervisor (Docker's ``restart``) sees a failed start, never a silent
+one.
+
 ``APP_COOKIE_SECURE=0`` drops the ``Secure`` cookie flag for plain-HTTP local development
 (the cookie is then ``session`` instead of ``__Host-session``). ``APP_CSRF=0`` turns off the
 origin check of cookie-authenticated POSTs (on by default here).
@@ -22,26 +28,35 @@ Metrics are per process: with ``uvicorn --workers N`` each scrape reads one work
 
 import asyncio
 import hashlib
+import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine import EngineSettings, EngineStats, EngineUnavailable, Session, SessionEngine
-from engine.fastapi import SessionAuth, engine_lifespan, get_engine, install_error_handlers
+from engine import EngineSettings, EngineUnavailable, Session, SessionEngine
+from engine.fastapi import (
+    STATE_ATTRIBUTE,
+    SessionAuth,
+    engine_lifespan,
+    get_engine,
+    install_error_handlers,
+)
+from engine.metrics import PrometheusCollector
 
 __all__ = ["app", "create_app"]
 
+log = logging.getLogger("loadtest.app")
+
 STATS_MAX_AGE = 1.0
-"""Seconds a stats snapshot is reused by /metrics (it costs INFO, DBSIZE and SCAN per node)."""
+"""Seconds a cluster snapshot is reused by /metrics (it costs INFO, DBSIZE and SCAN per node)."""
 
 Engine = Annotated[SessionEngine, Depends(get_engine)]
 
@@ -57,71 +72,6 @@ class TokenOut(BaseModel):
 
 class ChatIn(BaseModel):
     text: str = Field(min_length=1, max_length=2000)
-
-
-class _StatsCache:
-    """The last ``engine.stats()``; refreshed on scrape when older than ``STATS_MAX_AGE``."""
-
-    def __init__(self) -> None:
-        self.value: EngineStats | None = None
-        self._at = 0.0
-        self._lock = asyncio.Lock()
-
-    async def refresh(self, engine: SessionEngine) -> None:
-        async with self._lock:  # one refresh at a time, however many scrapers
-            if self.value is not None and time.monotonic() - self._at < STATS_MAX_AGE:
-                return
-            try:
-                self.value = await engine.stats()
-            except EngineUnavailable:
-                return  # keep the last snapshot; the counters still move in-process
-            self._at = time.monotonic()
-
-
-class _EngineCollector(Collector):
-    """Exposes the cached ``EngineStats`` as Prometheus metrics (read at scrape time)."""
-
-    def __init__(self, cache: _StatsCache) -> None:
-        self._cache = cache
-
-    def collect(self) -> Iterable[Any]:
-        s = self._cache.value
-        if s is None:
-            return
-        yield CounterMetricFamily(
-            "session_validations", "Tokens validated by this process.", value=s.validations
-        )
-        yield CounterMetricFamily("session_hits", "Validations that found a session.", s.hits)
-        misses = CounterMetricFamily(
-            "session_misses", "Validations that found no session, by reason.", labels=["reason"]
-        )
-        for reason, count in s.misses.model_dump().items():
-            misses.add_metric([reason], count)
-        yield misses
-        yield CounterMetricFamily(
-            "session_engine_errors", "Engine calls that raised EngineUnavailable.", s.errors
-        )
-        latency = GaugeMetricFamily(
-            "session_validate_latency_ms",
-            "validate() latency percentiles over the engine's window.",
-            labels=["quantile"],
-        )
-        for q, v in (("0.5", s.latency_p50_ms), ("0.99", s.latency_p99_ms)):
-            if v is not None:
-                latency.add_metric([q], v)
-        yield latency
-        yield GaugeMetricFamily(
-            "session_active", "Live sessions in the cluster (estimate).", s.active_sessions
-        )
-        memory = GaugeMetricFamily(
-            "redis_used_memory_bytes",
-            "used_memory per primary (node: first 12 hex digits of sha256 of host:port).",
-            labels=["node"],
-        )
-        for node, used in s.used_memory_bytes.items():
-            memory.add_metric([node_label(node)], used)
-        yield memory
-        yield GaugeMetricFamily("redis_primaries", "Primaries the engine routes to.", s.primaries)
 
 
 class _LatencyMiddleware:
@@ -163,6 +113,54 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "1").lower() not in ("0", "false", "no")
 
 
+def _startup_retry_seconds() -> float:
+    raw = os.environ.get("APP_STARTUP_RETRY", "0")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"APP_STARTUP_RETRY must be a number of seconds, not {raw!r}") from None
+    if not seconds >= 0:
+        raise ValueError(f"APP_STARTUP_RETRY must be >= 0, not {raw!r}")
+    return seconds
+
+
+async def _open_engine(settings: EngineSettings, retry_for: float) -> SessionEngine:
+    """An open engine; retries every second for ``retry_for`` seconds while none of the
+    seeds answers (the last ``EngineUnavailable`` is raised after that)."""
+    give_up = time.monotonic() + retry_for
+    attempt = 1
+    while True:
+        engine = SessionEngine(settings)
+        try:
+            return await engine.open()
+        except EngineUnavailable as exc:
+            await engine.aclose()
+            if time.monotonic() >= give_up:
+                log.error(
+                    "start-up: cannot reach the cluster (try %d): %s; giving up", attempt, exc
+                )
+                raise
+            log.warning(
+                "start-up: cannot reach the cluster yet (try %d): %s; retrying in 1 s", attempt, exc
+            )
+        attempt += 1
+        await asyncio.sleep(1.0)
+
+
+def _lifespan(
+    settings: EngineSettings | None,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """``engine_lifespan`` around an engine opened by ``_open_engine``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = await _open_engine(settings or EngineSettings(), _startup_retry_seconds())
+        async with engine_lifespan(engine=engine, freeze_gc=True)(app):
+            yield
+
+    return lifespan
+
+
 def create_app(settings: EngineSettings | None = None) -> FastAPI:
     """Build the service. No I/O: the engine connects when the app starts (lifespan).
 
@@ -170,8 +168,6 @@ def create_app(settings: EngineSettings | None = None) -> FastAPI:
         settings: Engine settings; ``EngineSettings()`` from ``ENGINE_*`` at startup if omitted.
     """
     registry = CollectorRegistry()
-    cache = _StatsCache()
-    registry.register(_EngineCollector(cache))
     histogram = Histogram(
         "http_request_duration_seconds",
         "HTTP request latency by endpoint.",
@@ -183,9 +179,16 @@ def create_app(settings: EngineSettings | None = None) -> FastAPI:
     auth = SessionAuth(cookie_secure=secure, csrf=_env_flag("APP_CSRF"))
     current_session = Annotated[Session, Depends(auth.require_session)]
     current_token = Annotated[str, Depends(auth.current_token)]
-    app = FastAPI(
-        title="session engine reference service", lifespan=engine_lifespan(settings, freeze_gc=True)
+    app = FastAPI(title="session engine reference service", lifespan=_lifespan(settings))
+    # The engine's own figures (engine.metrics): counters, a latency histogram, breakers,
+    # in-flight calls and the cluster's size, read at scrape time. The engine opens at
+    # startup, so the collector asks the app for it.
+    engine_metrics = PrometheusCollector(
+        lambda: getattr(app.state, STATE_ATTRIBUTE, None),
+        cluster_refresh=STATS_MAX_AGE,
+        node_label=node_label,
     )
+    registry.register(engine_metrics)
     install_error_handlers(app, realm=auth.realm)
     app.add_middleware(_LatencyMiddleware, histogram=histogram)
 
@@ -252,8 +255,8 @@ def create_app(settings: EngineSettings | None = None) -> FastAPI:
         return {"status": "ok", "primaries": primaries}
 
     @app.get("/metrics")
-    async def metrics(engine: Engine) -> Response:
-        await cache.refresh(engine)
+    async def metrics() -> Response:
+        await engine_metrics.refresh()
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -46,7 +46,10 @@ if idx then
   end
 end
 
-redis.call('SET', key, v, 'PX', ttl)
+-- APPEND to the absent key, not SET: the keyspace notification is then "append", which
+-- only create sends, so SessionEngine.events() tells a creation from an update ("set").
+redis.call('APPEND', key, v)
+redis.call('PEXPIRE', key, ttl)
 if idx then
   -- Scores are absolute deadlines, kept strictly increasing per user (+1 ms on a tie) so
   -- that ZPOPMIN above evicts the oldest session, not the smallest id, when two sessions

@@ -28,8 +28,12 @@ if ARGV[4] ~= '' and ARGV[4] ~= owner then
   owner = ARGV[4]
   v = string.sub(v, 1, HEADER) .. owner .. string.sub(v, bar)
 end
+-- RENAME then SET, not SET + DEL: the keyspace notifications are then "rename_from" and
+-- "rename_to", which SessionEngine.events() reports as one rotation (SET + DEL would read
+-- as a creation and a revocation). The SET writes the new owner, if any, and restarts
+-- the idle TTL.
+redis.call('RENAME', old, KEYS[2])
 redis.call('SET', KEYS[2], v, 'PX', ttl)
-redis.call('DEL', old)
 if owner ~= '' then
   local idx = base .. INDEX_PART .. owner
   redis.call('ZADD', idx, absolute_of(v), ARGV[2])

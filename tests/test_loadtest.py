@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import all_keys, delete_prefix
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine import EngineSettings
 from engine.cli import loadtest as _loadtest
@@ -96,6 +97,11 @@ async def test_reference_service_endpoints(cluster_url: str, prefix: str) -> Non
                 assert "session_hits_total" in metrics and "session_active" in metrics
                 assert 'endpoint="/chat/{room}"' in metrics  # route template, not raw path
                 assert "redis_used_memory_bytes" in metrics
+                # engine.metrics, parsed: a real histogram, no hand-written percentiles.
+                families = {f.name: f for f in text_string_to_metric_families(metrics)}
+                assert families["session_validate_duration_seconds"].type == "histogram"
+                assert "session_validate_latency_ms" not in families
+                assert families["session_engine_node_breaker_open"].samples
     finally:
         delete_prefix(cluster_url, prefix)
 

@@ -31,6 +31,7 @@ def test_without_redis_server_the_fixtures_skip_with_the_reason(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("ENGINE_TEST_REDIS_URL", raising=False)
+    monkeypatch.delenv("ENGINE_REDIS_SERVER", raising=False)  # CI's Redis 8 run sets it
     monkeypatch.setenv("PATH", "/nonexistent")
     pytester.makepyfile(
         test_user=USER_TEST

@@ -23,16 +23,21 @@ EXPECTED = {
     "EngineSettings",
     "EngineStats",
     "EngineUnavailable",
+    "EventsUnavailable",
     "InvalidArgument",
     "LimitExceeded",
     "MissReasons",
     "NewSession",
     "OutcomeUnknown",
     "PayloadTooLarge",
+    "PermissionDenied",
     "ReplicationIncomplete",
     "Session",
     "SessionConflict",
     "SessionEngine",
+    "SessionEvent",
+    "SessionEventKind",
+    "SessionEventStream",
     "SessionLimitExceeded",
     "SessionNotFound",
     "SessionState",
@@ -57,7 +62,13 @@ def test_no_private_module_leaks_a_public_name() -> None:
     # "@py_builtins" and the like: pytest rewrites the asserts of a plugin's package (ours
     # is registered as one) and leaves these names behind; they are not ours.
     public = {n for n in dir(engine) if not n.startswith(("_", "@"))}
-    modules = {"cli", "cluster", "fastapi", "testing"}  # subpackages users import themselves
+    modules = {
+        "cli",
+        "cluster",
+        "fastapi",
+        "metrics",
+        "testing",
+    }  # subpackages users import themselves
     assert public - set(engine.__all__) - modules <= {"annotations"}
 
 

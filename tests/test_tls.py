@@ -1,13 +1,11 @@
 """rediss://: the engine over TLS to a plain server with a certificate from a test CA.
 
-The CA and the server certificate are made here with the openssl CLI; the redis-server is
-started and stopped here by pid.
+The CA and the server certificate come from the harness's one certificate maker
+(``engine.testing._tls``, openssl CLI); the redis-server is started and stopped here by pid.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,71 +13,20 @@ import pytest
 from helpers import plain_redis_server
 
 from engine import EngineSettings, EngineUnavailable, InvalidArgument, SessionEngine
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+from engine.testing import make_test_pki
 
 
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
-    assert shutil.which("openssl"), "openssl is missing: apt-get install openssl"
     d = tmp_path_factory.mktemp("tls")
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=engine-test-ca",
-        cwd=d,
-    )
-    _openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-        cwd=d,
-    )
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-        cwd=d,
-    )
+    pki = make_test_pki(d)
     with plain_redis_server(
         "--tls-cert-file",
-        str(d / "server.crt"),
+        str(pki.cert_file),
         "--tls-key-file",
-        str(d / "server.key"),
+        str(pki.key_file),
         "--tls-ca-cert-file",
-        str(d / "ca.crt"),
+        str(pki.ca_file),
         "--tls-auth-clients",
         "no",
         port_option="--tls-port",

@@ -10,8 +10,8 @@ import asyncio
 import random
 from typing import TYPE_CHECKING, Final
 
-from .._errors import EngineUnavailable, ReplyError
-from ._connection import CallFailed, Connection
+from .._errors import EngineError, EngineUnavailable, ReplyError, permission_denied
+from ._connection import CallFailed, Connection, Reply
 
 if TYPE_CHECKING:
     from ._routing import Transport
@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 __all__ = ["Node"]
 
 _BREAKER_CAP: Final = 2.0  # seconds: the longest a breaker stays open before a probe
+
+
+def _retrieve(fut: asyncio.Future[Reply]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class Node:
@@ -68,6 +73,8 @@ class Node:
             self.durable_conn = None
         if self.conn is conn:
             self.conn = None
+            for listener in self.owner.connection_listeners:
+                listener(self)
             if not self.owner.closing:
                 self.owner.request_refresh()
 
@@ -105,7 +112,7 @@ class Node:
             raise EngineUnavailable(f"connecting to {self.name} was cancelled (closing)")
         try:
             return task.result()
-        except EngineUnavailable:
+        except EngineError:  # EngineUnavailable, or PermissionDenied from the handshake
             raise
         except Exception as exc:  # pragma: no cover - _connect maps its errors
             raise EngineUnavailable(f"cannot connect to {self.name}: {exc!r}") from exc
@@ -115,6 +122,7 @@ class Node:
         loop = owner.loop
         opts = owner.options
         probe: Connection | None = None  # to close if the handshake fails
+        owner.refresh_credentials()  # rotated certificate or password files: used from now
         try:
             try:
                 _, conn = await asyncio.wait_for(
@@ -133,10 +141,16 @@ class Node:
                 deadline = loop.time() + opts.connect_timeout
                 futs = [conn.send(cmd, deadline) for cmd in owner.handshake]
                 for fut in futs:
+                    # A refused or cancelled handshake fails the replies still awaited:
+                    # nobody reads them, so they must not be reported "never retrieved".
+                    fut.add_done_callback(_retrieve)
+                for fut in futs:
                     reply = await asyncio.wait_for(fut, opts.connect_timeout)
                     if isinstance(reply, ReplyError):
                         conn.abort(CallFailed(str(reply)))
-                        raise EngineUnavailable(f"{self.name} refused the handshake: {reply}")
+                        raise permission_denied(reply, operation=f"handshake with {self.name}") or (
+                            EngineUnavailable(f"{self.name} refused the handshake: {reply}")
+                        )
             except (OSError, TimeoutError, CallFailed) as exc:
                 if probe is not None:
                     # A probe that connected but got no answer (SIGSTOPped server): close

@@ -11,8 +11,9 @@ import contextlib
 import random
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from ssl import SSLContext  # the field named ssl hides the module in the class body
 from typing import Any, Final
 
 from .._errors import (
@@ -21,6 +22,7 @@ from .._errors import (
     InvalidArgument,
     OutcomeUnknown,
     ReplyError,
+    permission_denied,
     reply_kind,
 )
 from .._keys import SLOTS
@@ -56,6 +58,10 @@ class TransportOptions:
     breaker_failures: int = 3
     breaker_reset: float = 0.25
     ssl: ssl.SSLContext | None = None  # for rediss:// (built by the engine from settings)
+    # Asked before every connect, so rotated certificate or password files take effect at
+    # the next reconnect without a restart (engine._credentials).
+    ssl_provider: Callable[[], SSLContext | None] | None = None
+    password_provider: Callable[[], str] | None = None
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -74,6 +80,14 @@ def _public_error(failure: CallFailed, *, idempotent: bool) -> EngineUnavailable
     if idempotent:
         return EngineUnavailable(str(failure))
     return OutcomeUnknown(f"no reply, not sent again: {failure}")
+
+
+def _auth(username: str | None, password: str) -> bytes:
+    auth = ("AUTH", username, password) if username else ("AUTH", password)
+    try:
+        return pack(auth)
+    except UnicodeError:  # never echo the credentials
+        raise InvalidArgument("the username or password is not valid UTF-8") from None
 
 
 def _backoff(attempt: int) -> float:
@@ -116,6 +130,9 @@ class Transport:
         self._background: asyncio.Task[None] | None = None
         self._scripts: dict[bytes, Script] = {}
         self.refreshes = 0  # topology refreshes done (tests check bursts cause few)
+        # Called with the node whose main connection was lost (the local cache listens:
+        # what that connection tracked is gone with it).
+        self.connection_listeners: list[Callable[[Node], None]] = []
         self.redirects = {"MOVED": 0, "ASK": 0}
         self.ssl = options.ssl
         if seed.tls and self.ssl is None:
@@ -123,15 +140,27 @@ class Transport:
         self._seeds = [(s.host, s.port) for s in seeds]
         username = options.username or next((s.username for s in seeds if s.username), None)
         password = options.password or next((s.password for s in seeds if s.password), None)
+        if options.password_provider is not None:
+            password = options.password_provider()
+        self._username = username
+        self._password = password
         self.handshake: list[bytes] = []
         if password:
-            auth = ("AUTH", username, password) if username else ("AUTH", password)
-            try:
-                self.handshake.append(pack(auth))
-            except UnicodeError:  # never echo the credentials
-                raise InvalidArgument("the username or password is not valid UTF-8") from None
+            self.handshake.append(_auth(username, password))  # always first: see below
         self._db = seed.db
         self.handshake.append(pack(("PING",)))
+
+    def refresh_credentials(self) -> None:
+        """Pick up a rotated certificate or password before a connect (the providers
+        re-read their files only once they changed; the last good value otherwise)."""
+        opts = self.options
+        if opts.ssl_provider is not None:
+            self.ssl = opts.ssl_provider()
+        if opts.password_provider is not None:
+            password = opts.password_provider()
+            if password != self._password:
+                self._password = password
+                self.handshake[0] = _auth(self._username, password)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -152,6 +181,10 @@ class Transport:
         self._watchdog = self.loop.call_later(_WATCHDOG_INTERVAL, self._watch)
         seed, conn, reply = await self._first_seed()
         deadline = self.loop.time() + max(self.options.connect_timeout, 2.0)
+        if isinstance(reply, ReplyError) and (
+            denied := permission_denied(reply, operation="CLUSTER SLOTS")
+        ):
+            raise denied  # not "a plain server": the ACL user cannot see the slot map
         if isinstance(reply, ReplyError):
             # "ERR This instance has cluster support disabled": one plain server.
             self.cluster = False
@@ -159,7 +192,9 @@ class Transport:
                 self.handshake.append(pack(("SELECT", self._db)))
                 ok = await self._wait(conn.send(pack(("SELECT", self._db)), deadline))
                 if isinstance(ok, ReplyError):
-                    raise EngineUnavailable(f"SELECT {self._db} failed: {ok}")
+                    raise permission_denied(ok, operation="SELECT") or (
+                        EngineUnavailable(f"SELECT {self._db} failed: {ok}")
+                    )
             self._slot_nodes = [seed] * SLOTS
         else:
             self.cluster = True
@@ -212,6 +247,15 @@ class Transport:
             node = self._nodes[(host, port)] = Node(self, host, port)
         return node
 
+    @property
+    def db(self) -> int:
+        """The database number (0 on a cluster; ``SELECT``ed on a plain server)."""
+        return self._db
+
+    def nodes(self) -> list[Node]:
+        """Every node met so far (former primaries too), for read-only use: metrics."""
+        return list(self._nodes.values())
+
     def primaries(self) -> list[Node]:
         """The nodes that serve at least one slot now."""
         seen: dict[str, Node] = {}
@@ -260,7 +304,7 @@ class Transport:
             try:
                 conn = await node.connection(deadline)
                 reply = await self._wait(conn.send(pack(("CLUSTER", "SLOTS")), deadline))
-            except (EngineUnavailable, CallFailed):
+            except (EngineError, CallFailed):  # PermissionDenied too: a background task
                 continue
             if not isinstance(reply, ReplyError) and self._apply_slots(reply, node):
                 return
@@ -501,6 +545,7 @@ class Transport:
         *,
         script: Script | None = None,
         deadline: float | None = None,
+        direct: list[bool] | None = None,
     ) -> list[Any]:
         """Send many idempotent commands at once; replies in input order.
 
@@ -510,6 +555,9 @@ class Transport:
         NOSCRIPT items are sent again in bulk once the scripts are reloaded; items that got
         a redirect or a retry-later reply are retried one by one through ``call``. Never
         raises for a single item: a failed item's place holds an ``EngineUnavailable``.
+        ``direct``, if given (one ``True`` per item), gets ``False`` for the items retried
+        through ``call``, whose reply may come from another node than the slot's at the
+        start (the local cache stores only direct replies).
         """
         if self._state is not State.OPEN:
             raise EngineUnavailable("the transport is not open")
@@ -530,6 +578,9 @@ class Transport:
             ):
                 results[i] = r
         retry = [i for i, r in enumerate(results) if _needs_retry(r)]
+        if direct is not None:
+            for i in retry:
+                direct[i] = False
         if retry and loop.time() < deadline:
 
             async def again(i: int) -> None:
@@ -607,7 +658,9 @@ class Transport:
         conn = await node.connection(deadline)
         reply = await self._wait(conn.send(pack(args), deadline))
         if isinstance(reply, ReplyError):
-            raise EngineUnavailable(f"{node.name}: {reply}")
+            raise permission_denied(reply, operation=f"{args[0]} on {node.name}") or (
+                EngineUnavailable(f"{node.name}: {reply}")
+            )
         return reply
 
     async def call_node_many(self, node: Node, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -633,7 +686,9 @@ class Transport:
             for fut in futs:
                 reply = await self._wait(fut)
                 if isinstance(reply, ReplyError):
-                    raise EngineUnavailable(f"SCRIPT LOAD failed on {node.name}: {reply}")
+                    raise permission_denied(reply, operation="SCRIPT LOAD") or (
+                        EngineUnavailable(f"SCRIPT LOAD failed on {node.name}: {reply}")
+                    )
 
         await asyncio.gather(*(load(n) for n in self.primaries()))
 

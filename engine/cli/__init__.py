@@ -24,14 +24,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": (
         "engine.cli.bench",
         "throughput/latency against redis-py and redis-benchmark (--http: the FastAPI path "
-        "beside its peers under wrk)",
+        "beside its peers under wrk; --tls: TLS against plaintext)",
     ),
     "cluster": ("engine.cli.cluster", "up|down|status: a local cluster in the background"),
     "loadtest": ("engine.cli.loadtest", "reference FastAPI service under headless Locust"),
     "drill": ("engine.cli.drill", "SCENARIO: a failover drill under load (kill-primary, ...)"),
+    "acl": (
+        "engine.cli.acl",
+        "the ACL SETUSER rule of a least-privilege engine user (--prefix, --features)",
+    ),
     "fuzz": ("engine.cli.fuzz", "TARGET: coverage-guided fuzzing of the public entries (atheris)"),
+    "sessions": ("engine.cli.sessions", "list|revoke --user U: see or end a user's sessions"),
 }
-_EXTRAS = "pip install 'redis-session-engine[testing,fastapi,loadtest,charts]'"
+_EXTRAS = "pip install 'redis-session-engine[testing,fastapi,loadtest,charts,cli]'"
 
 
 def _version() -> str:
@@ -67,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "bench" and "--http" in args_in:
             module_name = "engine.cli.httpbench"  # its own arguments, behind --http
             sub.add_argument("--http", action="store_true", help="the HTTP benchmark")
+        elif name == "bench" and "--tls" in args_in:
+            module_name = "engine.cli.tlsbench"  # TLS vs plaintext, behind --tls
+            sub.add_argument("--tls", action="store_true", help="the TLS cost benchmark")
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:  # the tools' extras are not installed

@@ -430,6 +430,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="GET /bare and /me under wrk for the engine and its peers "
         "(python -m engine bench --http --help)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="validate over TLS against plaintext, in one run (python -m engine bench --tls "
+        "--help)",
+    )
     parser.add_argument("--url", help="benchmark this cluster instead of starting one")
     parser.add_argument("--sessions", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=256)

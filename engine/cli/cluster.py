@@ -51,7 +51,11 @@ def _cluster_state(cl: LocalCluster) -> str:
     for snap in cl.nodes:
         if snap.alive and not snap.paused:
             if not cl.cluster_mode:
-                return "ok (standalone)" if _ping(cl.host, snap.port) else "unreachable"
+                return (
+                    "ok (standalone)"
+                    if _ping(cl.host, snap.port, tls=cl.tls_files)
+                    else "unreachable"
+                )
             try:
                 info = _parse_info(cl.run(snap.port, "CLUSTER", "INFO"))
             except (redis.RedisError, OSError):
@@ -82,6 +86,7 @@ def _cli_up(args: argparse.Namespace) -> int:
         replicas_per_primary=args.replicas,
         startup_timeout=args.timeout,
         die_with_parent=False,
+        tls=args.tls,
         netns=args.netns,
     )
     started = time.monotonic()
@@ -97,6 +102,8 @@ def _cli_up(args: argparse.Namespace) -> int:
         raise
     cl.detach()
     print(cl.url)
+    if cl.ca_file is not None:
+        print(f"CA to trust: {cl.ca_file} (ENGINE_TLS_CA_FILE)")
     print(_format_table(cl.nodes))
     if cl.client_address is not None:
         print(
@@ -166,6 +173,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"where the running cluster is recorded ({DEFAULT_STATE_FILE})",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="startup timeout (30s)")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on every link (no plaintext port); prints the CA file to trust",
+    )
     parser.add_argument(
         "--netns",
         action="store_true",

@@ -1,39 +1,79 @@
-"""Terminal output shared by the command-line tools (demo, bench, drill)."""
+"""Terminal output shared by the command-line tools (demo, bench, drill), through rich.
+
+On a terminal a phase shows ONE live line that rewrites itself, and charts are coloured;
+in a log or a pipe there are no colours and no control codes, and a phase's progress is a
+plain line at most every ``LOG_INTERVAL`` seconds (a 4-second failover is a line or two,
+not one per 100 ms). rich decides what a terminal is and honours ``NO_COLOR``.
+"""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
+from collections.abc import Iterable
+from typing import IO, Final
 
-__all__ = ["Progress", "percentile_ms"]
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+__all__ = ["LOG_INTERVAL", "Progress", "percentile_ms"]
+
+LOG_INTERVAL: Final = 2.0
+"""Seconds between progress lines when the output is not a terminal."""
+
+_MARK_STYLES: Final = {".": "green", "!": "yellow", "x": "bold red"}
 
 
 class Progress:
-    """One self-rewriting status line on a terminal; plain lines otherwise."""
+    """One live status line per phase on a terminal; sparse plain lines otherwise."""
 
-    def __init__(self, stream: object = sys.stderr) -> None:
-        self._stream = stream
-        self._tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._last = 0.0
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.console = Console(file=stream or sys.stderr, highlight=False, soft_wrap=True)
+        self._live: Live | None = None
+        self._last = float("-inf")
 
-    def update(self, text: str, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last < (0.1 if self._tty else 2.0):
+    def update(self, text: str) -> None:
+        """The phase's current state: rewrites the live line (terminal) or, off a
+        terminal, prints it if the last line is ``LOG_INTERVAL`` old."""
+        line = Text(f"  {text}")
+        if self.console.is_terminal:
+            if self._live is None:
+                self._live = Live(line, console=self.console, refresh_per_second=10, transient=True)
+                self._live.start()
+            else:
+                self._live.update(line)
             return
-        self._last = now
-        out = self._stream
-        if self._tty:
-            print(f"\r\033[K  {text}", end="", file=out, flush=True)  # type: ignore[call-overload]
-        else:
-            print(f"  {text}", file=out, flush=True)  # type: ignore[call-overload]
+        now = time.monotonic()
+        if now - self._last >= LOG_INTERVAL:
+            self._last = now
+            self.console.print(line)
 
-    def done(self, text: str) -> None:
-        out = self._stream
-        if self._tty:
-            print(f"\r\033[K  {text}", file=out, flush=True)  # type: ignore[call-overload]
-        else:
-            print(f"  {text}", file=out, flush=True)  # type: ignore[call-overload]
+    def done(self, text: str, *, style: str = "") -> None:
+        """End the phase with a line that stays."""
+        self._stop_live()
+        self._last = float("-inf")
+        self.console.print(Text(f"  {text}", style=style))
+
+    def chart(self, title: str, lines: Iterable[str]) -> None:
+        """A text chart whose marks ``.`` ``!`` ``x`` are green, yellow, red on a terminal."""
+        self._stop_live()
+        self.console.print(Text(f"  {title}"))
+        for line in lines:
+            text = Text(f"    {line}")
+            # Lines read "  1.2s ..!!x.": the marks follow the time's "s ".
+            start = text.plain.find("s ") + 2
+            for i, mark in enumerate(text.plain[start:], start):
+                style = _MARK_STYLES.get(mark)
+                if style:
+                    text.stylize(style, i, i + 1)
+            self.console.print(text)
+
+    def _stop_live(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
 
 
 def percentile_ms(data: list[float], q: float) -> float | None:

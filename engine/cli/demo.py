@@ -181,15 +181,14 @@ async def _failover(
         gap = time.monotonic() - killed_at
         progress.update(
             f"failover: {gap:4.1f}s since kill, errors on its slots {timeline.victim_errors:,}, "
-            f"elsewhere {timeline.other_errors}",
-            force=True,
+            f"elsewhere {timeline.other_errors}"
         )
         await asyncio.sleep(0.1)
     await asyncio.sleep(1.0)
     stop.set()
     await asyncio.gather(*tasks)
     if recovered_at is None:
-        progress.done("the shard did not recover within 20 s")
+        progress.done("the shard did not recover within 20 s", style="bold red")
         report.add("failover", "NOT recovered within 20 s")
     else:
         first = timeline.first_error or recovered_at
@@ -204,9 +203,10 @@ async def _failover(
         f"{timeline.victim_errors:,} on the dead shard, {timeline.other_errors} elsewhere "
         f"(of {timeline.ok + timeline.victim_errors + timeline.other_errors:,} calls)",
     )
-    print("  timeline (100 ms per mark: '.' ok, '!' some errors, 'x' only errors):")
-    for line in timeline.sparkline():
-        print(f"    {line}")
+    progress.chart(
+        "timeline (100 ms per mark: '.' ok, '!' some errors, 'x' only errors):",
+        timeline.sparkline(),
+    )
     progress.done("restarting the killed node: it rejoins as a replica")
     await asyncio.to_thread(cl.restart, victim.port)
     await asyncio.to_thread(cl.wait_healthy, 30.0)

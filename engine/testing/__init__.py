@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ._keyspace import delete_prefix, keys_under, primary_clients
     from ._netns import NETNS_SUBNET, NetnsUnavailable, Partitions, netns_unavailable
     from ._remote import RemoteCluster
+    from ._tls import TlsFiles, make_test_pki
 
 __all__ = [
     "DEFAULT_STATE_FILE",
@@ -42,8 +43,10 @@ __all__ = [
     "Partitions",
     "RedisServerNotFound",
     "RemoteCluster",
+    "TlsFiles",
     "delete_prefix",
     "keys_under",
+    "make_test_pki",
     "netns_unavailable",
     "primary_clients",
 ]
@@ -60,8 +63,10 @@ _HOME = {
     "netns_unavailable": "._netns",
     "RedisServerNotFound": "._cluster",
     "RemoteCluster": "._remote",
+    "TlsFiles": "._tls",
     "delete_prefix": "._keyspace",
     "keys_under": "._keyspace",
+    "make_test_pki": "._tls",
     "primary_clients": "._keyspace",
 }
 

@@ -65,6 +65,7 @@ from ._processes import (
     _quote,
     _wait_proc_state,
 )
+from ._tls import CertPair, TlsFiles, make_test_pki
 from ._topology import _myself, _NodeLine, _parse_cluster_nodes, _parse_info
 
 __all__ = [
@@ -95,6 +96,7 @@ class ClusterNode:
         paused: The process was stopped with `LocalCluster.pause`.
         master_id: For a replica, the node id of its primary.
         slots: Inclusive slot ranges this node serves (primaries only).
+        tls: The node speaks only TLS (``port`` is its ``tls-port``).
     """
 
     host: str
@@ -106,11 +108,12 @@ class ClusterNode:
     paused: bool = False
     master_id: str | None = None
     slots: tuple[tuple[int, int], ...] = ()
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        """``redis://host:port`` of this node."""
-        return _url(self.host, self.port)
+        """``redis://host:port`` of this node (``rediss://`` for a TLS node)."""
+        return _url(self.host, self.port, tls=self.tls)
 
 
 class _Node:
@@ -160,6 +163,11 @@ class LocalCluster:
             which `stop` removes (a directory you pass is left in place).
         startup_timeout: Seconds `start` may take before it gives up.
         die_with_parent: Kill the nodes when this process dies (Linux only).
+        tls: Speak only TLS, on every link: clients, cluster bus and replication
+            (``tls-port``, ``tls-cluster yes``, ``tls-replication yes``, ``port 0``), with a
+            test CA and node certificate made by openssl in ``<base_dir>/tls``. `url` is then
+            ``rediss://`` and `ca_file` the CA to trust. Clients may present a certificate
+            (``tls-auth-clients optional``); ``extra_config`` can make it ``yes``.
         netns: Run every node in its own network namespace, with its own address in
             ``10.213.0.0/24`` on a bridge (separate hosts on a real network path), and make
             `partitions` available. Linux and root only (`NetnsUnavailable` elsewhere);
@@ -184,6 +192,7 @@ class LocalCluster:
         base_dir: str | None = None,
         startup_timeout: float = 30.0,
         die_with_parent: bool = True,
+        tls: bool = False,
         netns: bool = False,
     ) -> None:
         self._configure(
@@ -197,6 +206,7 @@ class LocalCluster:
             base_dir=base_dir,
             startup_timeout=startup_timeout,
             die_with_parent=die_with_parent,
+            tls=tls,
             netns=netns,
         )
         self._redis_server = _find_redis_server(redis_server)
@@ -214,6 +224,7 @@ class LocalCluster:
         base_dir: str | None,
         startup_timeout: float,
         die_with_parent: bool,
+        tls: bool = False,
         netns: bool = False,
     ) -> None:
         if cluster_mode and primaries < 1:
@@ -222,6 +233,9 @@ class LocalCluster:
             raise ValueError("replicas_per_primary must be >= 0")
         if node_timeout_ms < 1:
             raise ValueError("node_timeout_ms must be positive")
+        if tls and netns:
+            # The test certificate names one host; namespace nodes each have their own.
+            raise ValueError("tls and netns cannot be combined (yet)")
         for key, value in (extra_config or {}).items():
             # One directive per line: anything that could smuggle in a second line is refused.
             if not key or any(c.isspace() for c in key) or "\n" in value or "\r" in value:
@@ -235,6 +249,8 @@ class LocalCluster:
         self.extra_config = dict(extra_config or {})
         self.startup_timeout = startup_timeout
         self.die_with_parent = die_with_parent
+        self.tls = tls
+        self._tls: TlsFiles | None = None  # made in start(), under the base directory
         self._requested_base_dir = base_dir
         self._base_dir: Path | None = Path(base_dir).resolve() if base_dir else None
         self._owns_base_dir = False
@@ -285,6 +301,8 @@ class LocalCluster:
             if self.netns:
                 count = self.primaries_count * (1 + self.replicas_per_primary)
                 self._net = HostNetwork.create(count)
+            if self.tls:
+                self._tls = make_test_pki(self._base_dir / "tls", host=self.host)
             self._launch_all(deadline)
             if self.cluster_mode:
                 self._form_cluster(deadline)
@@ -357,10 +375,21 @@ class LocalCluster:
 
     @property
     def url(self) -> str:
-        """``redis://host:port`` of the first primary (a fine seed for cluster clients)."""
+        """``redis://host:port`` of the first primary (a fine seed for cluster clients);
+        ``rediss://`` for a TLS cluster."""
         if not self._nodes:
             raise HarnessError("cluster is not started")
-        return _url(self._host_of(self._nodes[0].port), self._nodes[0].port)
+        return _url(self._host_of(self._nodes[0].port), self._nodes[0].port, tls=self.tls)
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA a client must trust to reach a TLS cluster (``None`` without TLS)."""
+        return self._tls.ca_file if self._tls else None
+
+    @property
+    def tls_files(self) -> TlsFiles | None:
+        """The test CA and node certificate of a TLS cluster (``None`` without TLS)."""
+        return self._tls
 
     @property
     def ports(self) -> list[int]:
@@ -407,6 +436,7 @@ class LocalCluster:
                     paused=node.paused,
                     master_id=line.master_id if line else None,
                     slots=line.slots if line else (),
+                    tls=self.tls,
                 )
             )
         return result
@@ -467,7 +497,9 @@ class LocalCluster:
         """
         self._node(port)
         host = self._host_of(port)
-        client = _client(host, port, socket_timeout, decode_responses=decode_responses)
+        client = _client(
+            host, port, socket_timeout, decode_responses=decode_responses, tls=self._tls
+        )
         self._clients.append(client)
         return client
 
@@ -477,7 +509,7 @@ class LocalCluster:
         Example: ``cl.run(port, "CLUSTER", "INFO")``.
         """
         self._node(port)
-        with _client(self._host_of(port), port, _CONTROL_TIMEOUT) as client:
+        with _client(self._host_of(port), port, _CONTROL_TIMEOUT, tls=self._tls) as client:
             return client.execute_command(*args)
 
     # ------------------------------------------------------------------ fault injection
@@ -609,13 +641,16 @@ class LocalCluster:
             return ["no running, un-paused node"]
         if not self.cluster_mode:
             first = live[0].port
-            return [] if _ping(self._host_of(first), first) else [f"{first}: no PONG"]
+            return (
+                [] if _ping(self._host_of(first), first, tls=self._tls) else [f"{first}: no PONG"]
+            )
         live_ids = {n.node_id for n in live}
         problems: list[str] = []
         reference: tuple[Any, ...] | None = None
         for node in live:
             try:
-                with _client(self._host_of(node.port), node.port, _CONTROL_TIMEOUT) as client:
+                host = self._host_of(node.port)
+                with _client(host, node.port, _CONTROL_TIMEOUT, tls=self._tls) as client:
                     info = _parse_info(client.execute_command("CLUSTER", "INFO"))
                     lines = _parse_cluster_nodes(client.execute_command("CLUSTER", "NODES"))
                     repl = client.info("replication")
@@ -679,6 +714,7 @@ class LocalCluster:
             "owns_base_dir": self._owns_base_dir,
             "ports": [n.port for n in self._nodes],
             "netns": self._net.state() if self._net is not None else None,
+            "tls_dir": str(self._tls.ca.cert.parent) if self._tls else None,
             "pids": [n.pid for n in self._nodes],
             "nodes": [
                 {
@@ -726,6 +762,9 @@ class LocalCluster:
             )
             obj._redis_server = str(state["redis_server"])
             obj._owns_base_dir = bool(state["owns_base_dir"])
+            if state.get("tls_dir"):  # absent in files written before TLS clusters
+                obj.tls = True
+                obj._tls = _tls_files_in(Path(state["tls_dir"]))
             for entry in state["nodes"]:
                 node = _Node(int(entry["port"]), Path(entry["dir"]), entry["role"])
                 node.pid = int(entry["pid"]) if entry["pid"] is not None else None
@@ -802,7 +841,7 @@ class LocalCluster:
             "# Generated by engine.cluster. Shared settings come from the include; everything",
             "# below is specific to this node and overrides it.",
             f"include {_quote(NODE_CONF)}",
-            f"port {node.port}",
+            *self._port_lines(node),
             f"bind {self._host_of(node.port)}",
             f"dir {_quote(node.dir)}",
             f"logfile {_quote(node.log)}",
@@ -821,6 +860,22 @@ class LocalCluster:
             lines.append("appendonly yes")
         lines += [f"{key} {value}" for key, value in self.extra_config.items()]
         node.conf.write_text("\n".join(lines) + "\n")
+
+    def _port_lines(self, node: _Node) -> list[str]:
+        if self._tls is None:
+            return [f"port {node.port}"]
+        tls = self._tls
+        # No plaintext port at all; every link (clients, bus, replication) is TLS.
+        return [
+            "port 0",
+            f"tls-port {node.port}",
+            f"tls-cert-file {_quote(tls.cert_file)}",
+            f"tls-key-file {_quote(tls.key_file)}",
+            f"tls-ca-cert-file {_quote(tls.ca_file)}",
+            "tls-auth-clients optional",
+            "tls-replication yes",
+            *(["tls-cluster yes"] if self.cluster_mode else []),
+        ]
 
     def _spawn(self, node: _Node) -> None:
         preexec = _pdeathsig_preexec() if self.die_with_parent else None
@@ -898,7 +953,7 @@ class LocalCluster:
                         node.proc.wait()
                     waiting.remove(node)
                     failed.append(node)
-                elif _ping(self._host_of(node.port), node.port):
+                elif _ping(self._host_of(node.port), node.port, tls=self._tls):
                     waiting.remove(node)
             if waiting and time.monotonic() >= deadline:
                 for node in waiting:
@@ -948,7 +1003,7 @@ class LocalCluster:
 
     def _cluster_nodes_or_none(self, port: int) -> list[_NodeLine] | None:
         try:
-            with _client(self._host_of(port), port, _CONTROL_TIMEOUT) as client:
+            with _client(self._host_of(port), port, _CONTROL_TIMEOUT, tls=self._tls) as client:
                 return _parse_cluster_nodes(client.execute_command("CLUSTER", "NODES"))
         except (redis.RedisError, OSError):
             return None
@@ -969,13 +1024,39 @@ class LocalCluster:
 _NETNS_FIRST_PORT = 7000  # node i of a namespace cluster listens on 7000 + i
 
 
-def _url(host: str, port: int) -> str:
-    return f"redis://[{host}]:{port}" if ":" in host else f"redis://{host}:{port}"
+def _url(host: str, port: int, *, tls: bool = False) -> str:
+    scheme = "rediss" if tls else "redis"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-def _client(host: str, port: int, timeout: float, *, decode_responses: bool = True) -> redis.Redis:
+def _tls_files_in(directory: Path) -> TlsFiles:
+    """The files `make_test_pki` wrote into ``directory``."""
+    return TlsFiles(
+        ca=CertPair(directory / "ca.crt", directory / "ca.key"),
+        node=CertPair(directory / "node.crt", directory / "node.key"),
+    )
+
+
+def _client(
+    host: str,
+    port: int,
+    timeout: float,
+    *,
+    decode_responses: bool = True,
+    tls: TlsFiles | None = None,
+) -> redis.Redis:
     # No retries: redis-py retries 10 times by default, which turns "node is down/paused"
     # into a multi-second hang instead of a quick, clear error.
+    tls_options: dict[str, Any] = {}
+    if tls is not None:
+        # The node certificate doubles as the admin's client certificate, so the harness
+        # still works when a test turns tls-auth-clients to yes.
+        tls_options = {
+            "ssl": True,
+            "ssl_ca_certs": str(tls.ca_file),
+            "ssl_certfile": str(tls.cert_file),
+            "ssl_keyfile": str(tls.key_file),
+        }
     return redis.Redis(
         host=host,
         port=port,
@@ -983,12 +1064,13 @@ def _client(host: str, port: int, timeout: float, *, decode_responses: bool = Tr
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         decode_responses=decode_responses,
+        **tls_options,
     )
 
 
-def _ping(host: str, port: int, timeout: float = 0.5) -> bool:
+def _ping(host: str, port: int, timeout: float = 0.5, *, tls: TlsFiles | None = None) -> bool:
     try:
-        with _client(host, port, timeout) as client:
+        with _client(host, port, timeout, tls=tls) as client:
             return bool(client.ping())
     except (redis.RedisError, OSError):  # refused, timed out, or still LOADING
         return False

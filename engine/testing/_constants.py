@@ -11,6 +11,11 @@ NODE_CONF: Path = Path(__file__).resolve().parent.parent / "redis-node.conf"
 DEFAULT_STATE_FILE: Path = Path(".engine-cluster") / "state.json"
 """Where ``python -m engine cluster`` keeps track of the nodes it started."""
 
+SERVER_VARIABLE = "ENGINE_REDIS_SERVER"
+"""Environment variable naming the ``redis-server`` the harness runs when none is passed
+(CI runs the cluster suite once on Debian's Redis 7.0 and once with this set to a Redis
+8.x); default: ``redis-server`` on ``PATH``."""
+
 TOTAL_SLOTS = 16384
 BUS_PORT_OFFSET = 10000
 _STATE_VERSION = 1

@@ -18,19 +18,38 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ._constants import _BIND_ERRORS, _INSTALL_HINT, NODE_CONF, HarnessError, RedisServerNotFound
+from ._constants import (
+    _BIND_ERRORS,
+    _INSTALL_HINT,
+    NODE_CONF,
+    SERVER_VARIABLE,
+    HarnessError,
+    RedisServerNotFound,
+)
 
 _T = TypeVar("_T")
 
 
+def redis_server_available() -> bool:
+    """Whether the harness has a ``redis-server`` to run (``ENGINE_REDIS_SERVER`` or PATH)."""
+    try:
+        _find_redis_server(None)
+    except HarnessError:
+        return False
+    return True
+
+
 def _find_redis_server(path: str | None) -> str:
+    # An explicit argument first, then ENGINE_REDIS_SERVER, then PATH.
+    path = path or os.environ.get(SERVER_VARIABLE) or None
     found = shutil.which(path) if path else shutil.which("redis-server")
     if found is None and path and os.path.isfile(path) and os.access(path, os.X_OK):
         found = path
     if found is None:
         what = f"redis-server not found at {path!r}" if path else "redis-server not found on PATH"
         raise RedisServerNotFound(
-            f"{what}; install it (Debian/Ubuntu: `{_INSTALL_HINT}`) or pass redis_server=..."
+            f"{what}; install it (Debian/Ubuntu: `{_INSTALL_HINT}`), pass redis_server=... "
+            f"or set {SERVER_VARIABLE}"
         )
     if not NODE_CONF.is_file():
         raise HarnessError(f"shared node config {NODE_CONF} is missing")

@@ -11,6 +11,8 @@ Fixtures:
   data and a shared cluster is left as it was found.
 
 Marker ``requires_redis_server``: skip the test when no ``redis-server`` is installed.
+``ENGINE_REDIS_SERVER=/path/to/redis-server`` makes the harness run that binary instead of
+the one on ``PATH`` (e.g. to run the suite against another Redis version).
 
 A user's test::
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -64,8 +65,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("requires_redis_server") and not shutil.which("redis-server"):
+    if item.get_closest_marker("requires_redis_server") and not _have_redis_server():
         pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+
+
+def _have_redis_server() -> bool:
+    from ._processes import redis_server_available  # noqa: PLC0415 - keep the plugin light
+
+    return redis_server_available()
 
 
 def external_url(config: pytest.Config) -> str | None:
@@ -83,7 +90,7 @@ def redis_cluster(request: pytest.FixtureRequest) -> Iterator[HasURL]:
 
         yield RemoteCluster(url)
         return
-    if not shutil.which("redis-server"):
+    if not _have_redis_server():
         pytest.skip(f"no redis-server installed and no {URL_VARIABLE} given")
     from ._cluster import LocalCluster  # noqa: PLC0415
 

@@ -1,0 +1,220 @@
+"""``python -m engine bench --tls``: what TLS costs, plaintext and TLS clusters in ONE run.
+
+Two local clusters of the same shape, one plaintext and one speaking only TLS (every link),
+the same sessions on each. Measurements alternate (plain, TLS, plain, TLS, ...) so a noisy
+shared machine hits both alike; the table shows the median of the rounds for each figure. Per row:
+validations/s, latency, the client's CPU per validation (``process_time``), and the
+servers' CPU per validation (``/proc/<pid>/stat`` of the primaries): TLS costs on both ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .._engine import SessionEngine
+from .._run import run
+from .._settings import EngineSettings
+from .bench import Row, _closed_loop, _fmt, _machine
+from .console import Progress
+
+__all__ = ["main"]
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU of these processes so far (0 where /proc cannot tell)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / _TICK
+
+
+async def _measure(
+    name: str,
+    op: Callable[[int], Awaitable[Any]],
+    pids: Sequence[int],
+    args: argparse.Namespace,
+    progress: Progress,
+    per_call: int = 1,
+    concurrency: int | None = None,
+) -> Row:
+    server0 = _cpu_seconds(pids)
+    row = await _closed_loop(
+        name,
+        op,
+        concurrency=concurrency or args.concurrency,
+        seconds=args.seconds,
+        progress=progress,
+        per_call=per_call,
+    )
+    if row.ops_per_s:
+        # Includes the warm-up calls too, a small overestimate alike for both clusters.
+        spent = _cpu_seconds(pids) - server0
+        row.note = f"{spent / (row.ops_per_s * args.seconds) * 1e6:.1f}"
+    return row
+
+
+async def _load(eng: SessionEngine, sessions: int) -> list[str]:
+    tokens: list[str] = []
+    for start in range(0, sessions, 2000):
+        batch = range(start, min(sessions, start + 2000))
+        news = await asyncio.gather(*(eng.create(user_id=f"b-{i}", data={"i": i}) for i in batch))
+        tokens += [n.token for n in news]
+    return tokens
+
+
+async def _bench(args: argparse.Namespace, clusters: dict[str, Any]) -> dict[str, Any]:
+    progress = Progress()
+    engines: dict[str, SessionEngine] = {}
+    tokens: dict[str, list[str]] = {}
+    pids: dict[str, list[int]] = {}
+    rounds: dict[str, list[Row]] = {}
+    try:
+        for label, cl in clusters.items():
+            ca = cl.ca_file
+            settings = EngineSettings(
+                url=cl.url,
+                tls_ca_file=str(ca) if ca else None,
+                key_prefix="tlsbench",
+                idle_ttl=3600,
+                absolute_ttl=7200,
+            )
+            engines[label] = await SessionEngine(settings).open()
+            progress.done(f"{label}: creating {args.sessions:,} sessions ...")
+            tokens[label] = await _load(engines[label], args.sessions)
+            pids[label] = [n.pid for n in cl.primaries() if n.pid is not None]
+        for r in range(args.rounds):
+            for label, eng in engines.items():
+                toks = tokens[label]
+                count = len(toks)
+
+                async def one(
+                    i: int, _e: SessionEngine = eng, _t: list[str] = toks, _n: int = count
+                ) -> Any:
+                    return await _e.validate(_t[(i * 7919) % _n])
+
+                batch = [toks[(j * 104729) % count] for j in range(100)]
+
+                async def many(i: int, _e: SessionEngine = eng, _b: list[str] = batch) -> Any:
+                    return await _e.validate_many(_b)
+
+                row = await _measure(
+                    f"validate, {label} (round {r + 1})", one, pids[label], args, progress
+                )
+                rounds.setdefault(f"validate|{label}", []).append(row)
+                row = await _measure(
+                    f"validate_many x100, {label} (round {r + 1})",
+                    many,
+                    pids[label],
+                    args,
+                    progress,
+                    per_call=100,
+                    concurrency=16,
+                )
+                rounds.setdefault(f"validate_many x100|{label}", []).append(row)
+    finally:
+        for eng in engines.values():
+            await eng.aclose()
+    rows = []
+    for key, measured in rounds.items():
+        what, label = key.split("|")
+
+        def median(values: list[float | None]) -> float | None:
+            known = [v for v in values if v is not None]
+            return statistics.median(known) if known else None
+
+        rows.append(
+            {
+                "what": what,
+                "cluster": label,
+                "ops_per_s": median([x.ops_per_s for x in measured]),
+                "p50_ms": median([x.p50_ms for x in measured]),
+                "p99_ms": median([x.p99_ms for x in measured]),
+                "client_cpu_us_per_op": median([x.cpu_us_per_op for x in measured]),
+                "server_cpu_us_per_op": median(
+                    [float(x.note) if x.note else None for x in measured]
+                ),
+                "all_rounds_ops_per_s": [x.ops_per_s for x in measured],
+                "all_rounds_client_cpu_us_per_op": [x.cpu_us_per_op for x in measured],
+            }
+        )
+    return {"rows": rows, "machine": _machine()}
+
+
+def render(result: dict[str, Any]) -> str:
+    """Markdown: one line per operation and cluster, with TLS / plaintext ratios."""
+    lines = [
+        "| what | cluster | ops/s | TLS / plain ops | p50 ms | p99 ms "
+        "| client CPU us/op | server CPU us/op |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    by = {(r["what"], r["cluster"]): r for r in result["rows"]}
+    for r in result["rows"]:
+        plain = by.get((r["what"], "plaintext"))
+        ratio = (
+            r["ops_per_s"] / plain["ops_per_s"]
+            if r["cluster"] == "TLS" and plain and plain["ops_per_s"] and r["ops_per_s"]
+            else None
+        )
+        lines.append(
+            f"| {r['what']} | {r['cluster']} | {_fmt(r['ops_per_s'], ',.0f')} | "
+            f"{_fmt(ratio, '.2f')} | {_fmt(r['p50_ms'], '.2f')} | {_fmt(r['p99_ms'], '.2f')} | "
+            f"{_fmt(r['client_cpu_us_per_op'], '.1f')} | "
+            f"{_fmt(r['server_cpu_us_per_op'], '.1f')} |"
+        )
+    m = result["machine"]
+    lines.append("")
+    lines.append(
+        f"Machine: {m['cores']} cores, {m['cpu']}, Python {m['python']}, Redis {m['redis']}, "
+        f"{m['loop']}. Each figure: the median of {result.get('rounds', '?')} alternating rounds."
+    )
+    return "\n".join(lines)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``python -m engine bench --tls``."""
+    parser.add_argument("--sessions", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per cluster")
+    parser.add_argument("--primaries", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="write the results here")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m engine bench --tls ...`` from Python; returns the exit code."""
+    from . import main as cli_main  # noqa: PLC0415 - the one parser
+
+    return cli_main(["bench", "--tls", *(sys.argv[3:] if argv is None else argv)])
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Start both clusters, measure, print the table (and JSON with ``--json``)."""
+    from ..testing import LocalCluster  # noqa: PLC0415
+
+    print(f"starting two local clusters ({args.primaries} primaries) ...", file=sys.stderr)
+    with (
+        LocalCluster(primaries=args.primaries, replicas_per_primary=0) as plain,
+        LocalCluster(primaries=args.primaries, replicas_per_primary=0, tls=True) as tls,
+    ):
+        result = run(_bench(args, {"plaintext": plain, "TLS": tls}))
+    result["rounds"] = args.rounds
+    result["command"] = "python -m engine " + " ".join(args.argv)
+    print(render(result))
+    print(f"\ncommand: {result['command']}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    return 0
