@@ -121,6 +121,12 @@ FEATURES: dict[str, Feature] = {
             channels=(_PREFIXED_KEYSPACE,),
         ),
         Feature(
+            "replica_fallback",
+            "replica_fallback_after: validations read from a replica (READONLY, EVAL_RO) "
+            "while the primary does not answer",
+            commands=("readonly", "eval_ro"),
+        ),
+        Feature(
             "select_db",
             "a single server with a database number in the URL (redis://host/2): SELECT",
             commands=("select",),

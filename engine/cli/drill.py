@@ -53,6 +53,7 @@ class Bucket:
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     victim_errors: int = 0
+    victim_read_errors: int = 0  # failed validations on the faulted shard
     other_errors: int = 0
     p99_ms: float | None = None
     latencies: list[float] = field(default_factory=list, repr=False)  # healthy shards' calls
@@ -77,6 +78,9 @@ class DrillReport:
     first_error_s: float | None = None
     last_error_s: float | None = None
     error_window_s: float = 0.0
+    failed_victim_validations: int = 0
+    validate_error_window_s: float = 0.0  # first to last failed validation on the shard
+    replica_fallback_after: float | None = None
     recovered_s: float | None = None
     promoted_s: float | None = None
     healed_s: float | None = None  # partition drills: when the network was healed
@@ -111,6 +115,13 @@ class DrillReport:
                 f"error window {self.error_window_s:.2f}s, recovered {s(self.recovered_s)}"
                 + (f" (cluster promoted at {s(self.promoted_s)})" if self.promoted_s else "")
                 + (f" (network healed at {s(self.healed_s)})" if self.healed_s else ""),
+                f"  validations failed on the faulted shard: {self.failed_victim_validations:,}"
+                f" in a window of {self.validate_error_window_s:.2f}s"
+                + (
+                    f" (replica fallback after {self.replica_fallback_after:g}s)"
+                    if self.replica_fallback_after
+                    else ""
+                ),
                 f"  acknowledged creates lost: {self.lost_creates} of {self.acked_creates:,}; "
                 f"acknowledged revokes that validated again: {self.resurrected} "
                 f"of {self.acked_revokes:,}",
@@ -223,6 +234,8 @@ class _Load:
             b.errors[error] = b.errors.get(error, 0) + 1
             if victim:
                 b.victim_errors += 1
+                if read:
+                    b.victim_read_errors += 1
             else:
                 b.other_errors += 1
                 self.other_errors_by_type[error] = self.other_errors_by_type.get(error, 0) + 1
@@ -499,11 +512,13 @@ async def run_drill(
     settle: float = 2.0,
     prefix: str = "drill",
     progress: Progress | None = None,
+    replica_fallback_after: float | None = None,
 ) -> DrillReport:
     """Run one drill on a healthy cluster ``cl`` and return its report."""
     fault = SCENARIOS[scenario]
     progress = progress or Progress()
     report = DrillReport(scenario, wait_replicas, sessions, rate)
+    report.replica_fallback_after = replica_fallback_after
     ca_file = getattr(cl, "ca_file", None)  # a TLS LocalCluster's test CA
     settings = EngineSettings(
         url=cl.url,
@@ -514,6 +529,7 @@ async def run_drill(
         wait_timeout=0.5,
         idle_ttl=3600,
         absolute_ttl=7200,
+        replica_fallback_after=replica_fallback_after,
     )
     async with SessionEngine(settings) as eng:
         progress.done(f"[{scenario}] loading {sessions:,} sessions ...")
@@ -576,6 +592,8 @@ def _summarise(report: DrillReport, load: _Load, fault_done: float) -> None:
     fault_bucket = int((load.fault_at - load.t0) / BUCKET)
     first_error: float | None = None
     last_error: float | None = None
+    first_read_error: float | None = None
+    last_read_error: float | None = None
     before: list[float] = []
     during: list[float] = []
     victim_before: list[float] = []
@@ -596,6 +614,10 @@ def _summarise(report: DrillReport, load: _Load, fault_done: float) -> None:
         if n_err:
             first_error = t if first_error is None else first_error
             last_error = t + BUCKET
+        if b.victim_read_errors:
+            first_read_error = t if first_read_error is None else first_read_error
+            last_read_error = t + BUCKET
+        report.failed_victim_validations += b.victim_read_errors
         for k, v in b.errors.items():
             report.errors_by_type[k] = report.errors_by_type.get(k, 0) + v
         report.failed_victim += b.victim_errors
@@ -619,6 +641,8 @@ def _summarise(report: DrillReport, load: _Load, fault_done: float) -> None:
     report.last_error_s = last_error
     if first_error is not None and last_error is not None:
         report.error_window_s = last_error - first_error
+    if first_read_error is not None and last_read_error is not None:
+        report.validate_error_window_s = last_read_error - first_read_error
     report.recovered_s = last_error
     report.other_p99_ms_before = _p99_ms(before)
     report.other_p99_ms_during = _p99_ms(during)
@@ -687,6 +711,7 @@ def _drill_and_report(args: argparse.Namespace, name: str, cl: Cluster, prefix: 
             rate=args.rate,
             wait_replicas=args.wait_replicas,
             prefix=prefix,
+            replica_fallback_after=args.replica_fallback,
         )
     )
     print(report.summary())
@@ -724,6 +749,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", type=int, default=50_000)
     parser.add_argument("--rate", type=float, default=5_000, help="offered ops/s")
     parser.add_argument("--wait-replicas", type=int, default=0)
+    parser.add_argument(
+        "--replica-fallback",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="validations ask a replica when the primary has not answered in this time "
+        "(EngineSettings.replica_fallback_after)",
+    )
     parser.add_argument(
         "--full-coverage",
         action="store_true",
