@@ -12,7 +12,7 @@ import enum
 import itertools
 import ssl
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar, cast
 from urllib.parse import unquote
@@ -1041,8 +1041,9 @@ class SessionEngine:
         do (the first may have done it), else the second try's result.
         """
         deadline = self._write_deadline()
-        try:
-            return await self._write(
+
+        def attempt() -> Awaitable[T]:
+            return self._write(
                 script,
                 tag,
                 keys,
@@ -1052,19 +1053,13 @@ class SessionEngine:
                 deadline=deadline,
                 sessions=sessions,
             )
+
+        try:
+            return await attempt()
         except OutcomeUnknown:
             if self.transport.loop.time() >= deadline:
                 raise
-        again = await self._write(
-            script,
-            tag,
-            keys,
-            args,
-            convert,
-            operation=operation,
-            deadline=deadline,
-            sessions=sessions,
-        )
+        again = await attempt()
         return again if again else None
 
     async def revoke_session_id(self, user_id: str, session_id: str) -> bool:

@@ -1,7 +1,7 @@
 """Nodes as separate hosts (``LocalCluster(netns=True)``), partitions, and the partition drills.
 
 Root and Linux only (network namespaces): skipped elsewhere with the reason. The short
-drills run in CI; the full forms are ``slow`` and recorded in bench.md (section 4c).
+drills run in CI; the full forms are ``slow`` and recorded in bench.md (section 4d).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A durable write ends by its own deadline, also when its WAIT is shared with later writes.
 
-Found by the partition drill minority-primary (bench.md, 4c): a create whose reply came
+Found by the partition drill minority-primary (bench.md, 4d): a create whose reply came
 late (after CLUSTERDOWN retries) shared its group WAIT with writes that started later;
 the WAIT's deadline is its group's latest, so the create waited for Redis's whole
 ``wait_timeout`` past its own deadline (2.0 s where 1.5 s is promised).

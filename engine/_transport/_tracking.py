@@ -104,14 +104,7 @@ class Subscriber(asyncio.Protocol):
         self._on_lost()
 
     def send(self, *args: Any) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        if not self.alive or self._transport is None:
-            fut.set_exception(ConnectionError("invalidation connection is closed"))
-            return fut
-        self._pending.append(fut)
-        self._transport.write(pack(args))
-        return fut
+        return self.send_packed(pack(args))
 
     def send_packed(self, packed: bytes) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()

@@ -78,6 +78,7 @@ class System:
         requires: Modules that must be importable, else the system is skipped.
         cluster: Runs on the cluster (else on one plain server).
         min_redis: Oldest Redis server version it works with.
+        env: Extra environment of its server (e.g. the engine's local cache).
     """
 
     key: str
@@ -86,12 +87,21 @@ class System:
     requires: tuple[str, ...]
     cluster: bool
     min_redis: tuple[int, int] = (6, 0)
+    env: tuple[tuple[str, str], ...] = ()
 
 
 SYSTEMS: dict[str, System] = {
     s.key: s
     for s in (
         System("engine", "this engine (require_session)", "engine_app", ("fastapi",), True),
+        System(
+            "engine-cached",
+            "this engine + local cache",
+            "engine_app",
+            ("fastapi",),
+            True,
+            env=(("ENGINE_LOCAL_CACHE_SIZE", "100000"),),
+        ),
         System(
             "starsessions",
             "starsessions RedisStore",
@@ -727,6 +737,7 @@ def execute(args: argparse.Namespace) -> int:
                 "REDIS_PREFIX": f"{prefix}:sdk",
                 "HTTPBENCH_REDIS_URL": target.url,
                 "HTTPBENCH_PREFIX": f"{prefix}:star:",
+                **dict(system.env),
             }
             servers.append(_start_server(system, env, workdir, engine_path))
             clients[system.key] = [
