@@ -450,6 +450,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--primaries", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--network",
+        action="store_true",
+        help="validate over loopback and over network namespaces (veth + bridge) in one "
+        "run (Linux, root; see engine/cli/netbench.py)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="--network: alternating rounds per measurement"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -461,6 +470,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def execute(args: argparse.Namespace) -> int:
     """Run the benchmark; prints the table, writes JSON with ``--json``."""
+    if args.network:
+        from .netbench import bench_networks, render_networks  # noqa: PLC0415
+
+        result = bench_networks(args)
+        result["command"] = "python -m engine " + " ".join(args.argv)
+        print(render_networks(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2, default=str))
+        return 0
     if args.url:
         result = run(_bench(args, args.url))
     else:

@@ -87,6 +87,7 @@ def _cli_up(args: argparse.Namespace) -> int:
         startup_timeout=args.timeout,
         die_with_parent=False,
         tls=args.tls,
+        netns=args.netns,
     )
     started = time.monotonic()
     try:
@@ -104,6 +105,12 @@ def _cli_up(args: argparse.Namespace) -> int:
     if cl.ca_file is not None:
         print(f"CA to trust: {cl.ca_file} (ENGINE_TLS_CA_FILE)")
     print(_format_table(cl.nodes))
+    if cl.client_address is not None:
+        print(
+            "nodes in network namespaces: "
+            + ", ".join(f"{n.host}:{n.port}" for n in cl.nodes)
+            + f"; this host is {cl.client_address} on their bridge"
+        )
     print(
         f"cluster healthy in {time.monotonic() - started:.1f}s; "
         f"state: {state_file}; node dirs: {cl.base_dir}"
@@ -170,6 +177,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--tls",
         action="store_true",
         help="TLS on every link (no plaintext port); prints the CA file to trust",
+    )
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="each node in its own network namespace on 10.213.0.0/24 (Linux, root)",
     )
 
 
