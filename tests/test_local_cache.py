@@ -543,17 +543,15 @@ async def test_a_migrated_slot_is_not_served_from_the_old_node(
         slot = slot_of_tag(tag)
         src = own_cluster.primary_for_key(key)
         dst = next(p for p in own_cluster.primaries() if p.port != src.port)
-        src_c, dst_c = redis.Redis(port=src.port), redis.Redis(port=dst.port)
+        run = own_cluster.run
 
         def migrate() -> None:
-            dst_c.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src.node_id)
-            src_c.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst.node_id)
-            keys = src_c.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
-            src_c.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *keys)
+            run(dst.port, "CLUSTER", "SETSLOT", slot, "IMPORTING", src.node_id)
+            run(src.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst.node_id)
+            keys = run(src.port, "CLUSTER", "GETKEYSINSLOT", slot, 1000)
+            run(src.port, "MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *keys)
             for p in own_cluster.primaries():
-                redis.Redis(port=p.port).execute_command(
-                    "CLUSTER", "SETSLOT", slot, "NODE", dst.node_id
-                )
+                run(p.port, "CLUSTER", "SETSLOT", slot, "NODE", dst.node_id)
 
         await asyncio.to_thread(migrate)
         deadline = time.monotonic() + 2
