@@ -571,3 +571,15 @@ async def test_a_migrated_slot_is_not_served_from_the_old_node(
             return got is not None and got.data == {"v": 2}
 
         await seen_within(changed, bound=0.5)  # a may first follow MOVED itself
+
+
+async def test_a_plain_server_works_the_same(standalone_url: str, prefix: str) -> None:
+    async with pair(standalone_url, prefix) as (a, b):
+        new = await a.create(user_id="u1")
+        await cached(b, new.token)
+        await a.revoke(new.token)
+
+        async def gone() -> bool:
+            return await b.validate(new.token) is None
+
+        await seen_within(gone)
