@@ -498,11 +498,19 @@ class Transport:
                 await self._sleep_before_retry(attempt, deadline, reply)
                 continue
             if then_fut is not None and type(reply) is not ReplyError:
-                # The command ran; what is left to learn is whether replicas have it.
-                try:
-                    then_reply = await then_fut
-                except CallFailed as exc:
-                    then_reply = exc
+                # The command ran; what is left to learn is whether replicas have it, by
+                # this call's deadline: a reply that came late (after retries) would
+                # otherwise wait a whole wait_timeout more, and the shared WAIT's own
+                # deadline is its group's latest.
+                if not then_fut.done():
+                    await asyncio.wait((then_fut,), timeout=max(0.0, deadline - loop.time()))
+                if not then_fut.done():
+                    then_reply = CallFailed.timeout("WAIT not answered by the call's deadline")
+                else:
+                    try:
+                        then_reply = then_fut.result()
+                    except CallFailed as exc:
+                        then_reply = exc
             if type(reply) is not ReplyError:
                 return reply if then_fut is None else (reply, then_reply)
             message = str(reply)

@@ -491,6 +491,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=1)
     add_json_option(parser)
     add_markdown_option(parser)
+    parser.add_argument(
+        "--network",
+        action="store_true",
+        help="validate over loopback and over network namespaces (veth + bridge) in one "
+        "run (Linux, root; see engine/cli/netbench.py)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="--network: alternating rounds per measurement"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -502,6 +511,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def execute(args: argparse.Namespace) -> int:
     """Run the benchmark; prints the table, the JSON with ``--json``."""
+    if args.network:
+        from .netbench import bench_networks, report_networks  # noqa: PLC0415
+
+        result = bench_networks(args)
+        result["command"] = "python -m engine " + " ".join(args.argv)
+        report_networks(result, markdown=args.markdown, file=report_stream(args))
+        write_json(args.json, result)
+        return 0
     if args.url:
         result = run(_bench(args, args.url))
     else:

@@ -97,6 +97,7 @@ def _cli_up(args: argparse.Namespace) -> int:
         startup_timeout=args.timeout,
         die_with_parent=False,
         tls=args.tls,
+        netns=args.netns,
     )
     started = time.monotonic()
     try:
@@ -117,13 +118,21 @@ def _cli_up(args: argparse.Namespace) -> int:
     print(cl.url, file=out)
     if cl.ca_file is not None:
         print(f"CA to trust: {cl.ca_file} (ENGINE_TLS_CA_FILE)", file=out)
-    note = f"cluster healthy in {took:.1f}s; state: {state_file}; node dirs: {cl.base_dir}"
-    _print_nodes(nodes, [note], out)
+    notes = []
+    if cl.client_address is not None:
+        notes.append(
+            "nodes in network namespaces: "
+            + ", ".join(f"{n.host}:{n.port}" for n in nodes)
+            + f"; this host is {cl.client_address} on their bridge"
+        )
+    notes.append(f"cluster healthy in {took:.1f}s; state: {state_file}; node dirs: {cl.base_dir}")
+    _print_nodes(nodes, notes, out)
     write_json(
         args.json,
         {
             "url": cl.url,
             "ca_file": None if cl.ca_file is None else str(cl.ca_file),
+            "client_address": cl.client_address,
             "state_file": str(state_file),
             "base_dir": str(cl.base_dir),
             "startup_seconds": round(took, 3),
@@ -205,6 +214,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--tls",
         action="store_true",
         help="TLS on every link (no plaintext port); prints the CA file to trust",
+    )
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="each node in its own network namespace on 10.213.0.0/24 (Linux, root)",
     )
     add_json_option(parser, "the cluster's URL and nodes (down: how many stopped)")
 

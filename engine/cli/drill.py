@@ -35,6 +35,7 @@ from .._run import run
 from .._settings import EngineSettings
 from .._tokens import parse_token
 from ..testing import ClusterNode, LocalCluster, RemoteCluster
+from ..testing._netns import Partitions, netns_unavailable
 from .console import Progress, percentile_ms
 
 Cluster = LocalCluster | RemoteCluster
@@ -73,6 +74,7 @@ class DrillReport:
     failed_victim: int = 0
     failed_other: int = 0
     errors_by_type: dict[str, int] = field(default_factory=dict)
+    other_errors_by_type: dict[str, int] = field(default_factory=dict)  # off the faulted shard
     first_error_s: float | None = None
     last_error_s: float | None = None
     error_window_s: float = 0.0
@@ -81,6 +83,9 @@ class DrillReport:
     replica_fallback_after: float | None = None
     recovered_s: float | None = None
     promoted_s: float | None = None
+    healed_s: float | None = None  # partition drills: when the network was healed
+    slowest_failure_s: float = 0.0  # the longest any failed call took to fail
+    slowest_failure: str = ""  # which call that was, and its error
     acked_creates: int = 0
     lost_creates: int = 0
     acked_revokes: int = 0
@@ -101,11 +106,15 @@ class DrillReport:
                 f"drill {self.scenario} (wait_replicas={self.wait_replicas}, "
                 f"{self.sessions:,} sessions, {self.rate:,.0f} ops/s offered)",
                 f"  calls {self.calls:,}, failed {self.failed_calls:,} "
-                f"(faulted shard {self.failed_victim:,}, other shards {self.failed_other:,})",
-                f"  errors by type: {self.errors_by_type or '{}'}",
+                f"(faulted shard {self.failed_victim:,}, other shards {self.failed_other:,}"
+                + (f": {self.other_errors_by_type}" if self.other_errors_by_type else "")
+                + ")",
+                f"  errors by type: {self.errors_by_type or '{}'}; the slowest failure took "
+                f"{self.slowest_failure_s:.2f}s ({self.slowest_failure or '-'})",
                 f"  first error {s(self.first_error_s)} after the fault, "
                 f"error window {self.error_window_s:.2f}s, recovered {s(self.recovered_s)}"
-                + (f" (cluster promoted at {s(self.promoted_s)})" if self.promoted_s else ""),
+                + (f" (cluster promoted at {s(self.promoted_s)})" if self.promoted_s else "")
+                + (f" (network healed at {s(self.healed_s)})" if self.healed_s else ""),
                 f"  validations failed on the faulted shard: {self.failed_victim_validations:,}"
                 f" in a window of {self.validate_error_window_s:.2f}s"
                 + (
@@ -146,6 +155,9 @@ class _Load:
         self.rnd = random.Random(7)
         self.resurrected: set[str] = set()
         self.unconfirmed_revokes: set[str] = set()
+        self.slowest_failure = 0.0
+        self.slowest_failure_what = ""
+        self.other_errors_by_type: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -167,7 +179,9 @@ class _Load:
         victim = self.is_victim(token)
         start = time.monotonic()
         error: str | None = None
+        failure: EngineError | None = None
         read = True
+        op = "validate"
         try:
             if roll < 0.05 and self.revoked:
                 # Revoked tokens must stay dead, whatever happens to the cluster.
@@ -179,6 +193,7 @@ class _Load:
                 await self.eng.validate(token)
             elif roll < 0.93:
                 read = False
+                op = "create"
                 user = f"drill-{rnd.randrange(5000)}"
                 victim = slot_of_tag(self.eng.keys.user_tag(user)) in self.victim_slots
                 new = await self.eng.create(user_id=user, data={"d": 1})
@@ -186,21 +201,23 @@ class _Load:
                 self.live.append(new.token)
             else:
                 read = False
+                op = "revoke"
                 try:
                     deleted = await self.eng.revoke(token)
-                except ReplicationIncomplete:
-                    # Deleted on the primary, unconfirmed on the replicas: not counted as
-                    # acknowledged, but its session is gone (not a lost create).
+                except EngineError:
+                    # ReplicationIncomplete: deleted on the primary, unconfirmed on the
+                    # replicas; OutcomeUnknown or a late reply: maybe deleted. Not counted as
+                    # acknowledged, and its session may be gone: not a lost create either.
                     self.unconfirmed_revokes.add(token)
                     raise
                 if deleted:
                     self.revoked.append(token)
-        except ReplicationIncomplete:
-            error = "ReplicationIncomplete"
-        except EngineUnavailable:
-            error = "EngineUnavailable"
+        except ReplicationIncomplete as exc:
+            error, failure = "ReplicationIncomplete", exc
+        except EngineUnavailable as exc:
+            error, failure = "EngineUnavailable", exc
         except EngineError as exc:
-            error = type(exc).__name__
+            error, failure = type(exc).__name__, exc
         b = self._bucket()
         self.calls += 1
         if error is None:
@@ -210,6 +227,10 @@ class _Load:
             if victim and read:
                 b.victim_validations.append(took)
         else:
+            took = time.monotonic() - start
+            if took > self.slowest_failure:
+                self.slowest_failure = took
+                self.slowest_failure_what = f"{op}: {type(failure).__name__}: {failure}"
             b.errors[error] = b.errors.get(error, 0) + 1
             if victim:
                 b.victim_errors += 1
@@ -217,6 +238,7 @@ class _Load:
                     b.victim_read_errors += 1
             else:
                 b.other_errors += 1
+                self.other_errors_by_type[error] = self.other_errors_by_type.get(error, 0) + 1
 
     async def run(self) -> None:
         start = time.monotonic()
@@ -378,6 +400,75 @@ async def _slow_node(cl: Cluster, victim: ClusterNode, report: DrillReport) -> N
     report.fault_notes.append(f"5 x DEBUG SLEEP 0.3 on primary {victim.port}, 0.4 s apart")
 
 
+async def _minority_primary(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
+    """The victim primary loses every other node; the client still reaches it.
+
+    It keeps taking writes until it notices it is in the minority (node timeout), while the
+    majority promotes its replica: what it acknowledged in between is lost at the heal.
+    """
+    parts = _partitions(cl)
+    cut = time.monotonic()
+    await _in_thread(parts.isolate, victim.port)
+    await _wait_promoted(cl, victim, report)
+    report.promoted_s = time.monotonic() - cut
+    await asyncio.sleep(PARTITION_AFTER_PROMOTION)
+    await _heal(cl, cut, report)
+    old = await _in_thread(cl.node, victim.port)
+    report.fault_notes.append(
+        f"isolated primary {victim.port} from every node (the client still reached it); "
+        f"its replica was promoted; healed; the old primary is now a {old.role}"
+    )
+
+
+async def _client_cut(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
+    """The client loses one primary; the cluster itself sees nothing wrong."""
+    parts = _partitions(cl)
+    cut = time.monotonic()
+    await _in_thread(parts.cut_client, victim.port)
+    await asyncio.sleep(CLIENT_CUT_SECONDS)
+    await _heal(cl, cut, report)
+    report.fault_notes.append(
+        f"cut the client off primary {victim.port} for {CLIENT_CUT_SECONDS:.0f} s (packets "
+        "dropped, no RST); the nodes still reached each other; healed"
+    )
+
+
+async def _partition_heal(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
+    """Split 3/3: the victim with the other primaries' replicas (a minority of primaries)
+    against the other primaries with the victim's replica; heal once the majority promoted."""
+    parts = _partitions(cl)
+    replica = _replica_of(cl, victim)
+    primaries = await _in_thread(cl.primaries)
+    replicas = await _in_thread(cl.replicas)
+    majority = [p.port for p in primaries if p.port != victim.port] + [replica.port]
+    minority = [victim.port] + [r.port for r in replicas if r.port != replica.port]
+    cut = time.monotonic()
+    await _in_thread(parts.split, majority, minority)
+    await _wait_promoted(cl, victim, report)
+    report.promoted_s = time.monotonic() - cut
+    await asyncio.sleep(PARTITION_AFTER_PROMOTION)
+    await _heal(cl, cut, report)
+    report.fault_notes.append(
+        f"split {majority} | {minority}; the majority promoted {replica.port}; healed"
+    )
+
+
+async def _heal(cl: Cluster, cut: float, report: DrillReport) -> None:
+    await _in_thread(_partitions(cl).heal)
+    report.healed_s = time.monotonic() - cut
+    await _in_thread(cl.wait_healthy, 30.0)
+
+
+def _partitions(cl: Cluster) -> Partitions:
+    if not isinstance(cl, LocalCluster):
+        raise RuntimeError("partition drills need a LocalCluster started with netns=True")
+    return cl.partitions
+
+
+PARTITION_AFTER_PROMOTION = 1.0  # seconds the partition lasts once the majority promoted
+CLIENT_CUT_SECONDS = 4.0
+
+
 SCENARIOS: dict[str, Fault] = {
     "kill-primary": _kill_primary,
     "manual-failover": _replica_failover(None),
@@ -389,7 +480,13 @@ SCENARIOS: dict[str, Fault] = {
     "restart-all": _restart_all,
     "slow-node": _slow_node,
     "replica-down": _replica_down,
+    "minority-primary": _minority_primary,
+    "client-cut": _client_cut,
+    "partition-heal": _partition_heal,
 }
+
+PARTITION_SCENARIOS = ("minority-primary", "client-cut", "partition-heal")
+"""Drills on a cluster whose nodes are separate hosts (``LocalCluster(netns=True)``)."""
 
 
 def cluster_options(scenario: str, full_coverage: bool = False) -> dict[str, Any]:
@@ -400,6 +497,8 @@ def cluster_options(scenario: str, full_coverage: bool = False) -> dict[str, Any
     opts: dict[str, Any] = {"primaries": 3, "replicas_per_primary": 1, "extra_config": extra}
     if scenario == "restart-all":
         opts["persistence"] = True
+    if scenario in PARTITION_SCENARIOS:
+        opts["netns"] = True
     return opts
 
 
@@ -534,6 +633,9 @@ def _summarise(report: DrillReport, load: _Load, fault_done: float) -> None:
             }
         )
     report.calls = load.calls
+    report.slowest_failure_s = load.slowest_failure
+    report.slowest_failure = load.slowest_failure_what
+    report.other_errors_by_type = dict(load.other_errors_by_type)
     report.failed_calls = report.failed_victim + report.failed_other
     report.first_error_s = first_error
     report.last_error_s = last_error
@@ -632,7 +734,8 @@ def _remote_refusal(args: argparse.Namespace, names: Sequence[str]) -> str | Non
     refused = [n for n in names if n not in REMOTE_SCENARIOS]
     if refused:
         return (
-            f"{', '.join(refused)}: needs process control (kill/SIGSTOP); with --url only "
+            f"{', '.join(refused)}: needs process control (kill/SIGSTOP) or the nodes' "
+            f"network (partitions); with --url only "
             f"{', '.join(REMOTE_SCENARIOS)} run. Use a LocalCluster (drop --url)."
         )
     return None
@@ -672,6 +775,17 @@ def execute(args: argparse.Namespace) -> int:
     if args.url and (refusal := _remote_refusal(args, names)):
         print(refusal, file=sys.stderr)
         return 2
+    no_netns = netns_unavailable()
+    if args.tls:
+        no_netns = "the namespace cluster of the partition drills has no TLS mode (yet)"
+    if no_netns and not args.url:
+        skipped = [n for n in names if n in PARTITION_SCENARIOS]
+        if skipped and len(names) == 1:
+            print(f"{names[0]}: cannot run here: {no_netns}", file=sys.stderr)
+            return 2
+        for name in skipped:
+            print(f"{name}: skipped: {no_netns}")
+        names = [n for n in names if n not in skipped]
     args.out.mkdir(parents=True, exist_ok=True)
     clean = True
     for name in names:
