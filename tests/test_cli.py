@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -171,3 +172,29 @@ async def test_sessions_list_table_and_json_file(
     assert saved.returncode == 0 and "SESSION ID" in saved.stdout  # a file: the table stays
     listed = json.loads(target.read_text())
     assert {s["session_id"] for s in listed} == {n.session.session_id for n in made}
+
+
+def test_bench_network_tables_from_a_result() -> None:
+    """``bench --network`` needs root and namespaces: its tables are checked on a result."""
+    from engine.cli.netbench import render_networks, report_networks
+
+    def row(name: str, p50_ms: float | None) -> dict[str, Any]:
+        return {"name": name, "ops_per_s": 4000.0, "p50_ms": p50_ms, "p99_ms": 0.4}
+
+    result = {
+        "loopback": [row("validate, 1 in flight", 0.1), row("validate @ 500/s", None)],
+        "netns": [row("validate, 1 in flight", 0.15), row("validate @ 500/s", 0.2)],
+        "machine": {"cores": 2, "cpu": "cpu", "python": "3", "redis": "7", "loop": "asyncio"},
+        "loopback_url": "redis://127.0.0.1:7000",
+        "netns_url": "redis://10.213.0.2:7000",
+    }
+    markdown = render_networks(result).splitlines()
+    assert (
+        markdown[2]
+        == "| validate, 1 in flight | 4,000 | 4,000 | 0.100 / 0.400 | 0.150 / 0.400 | +50 us |"
+    )
+    assert markdown[3].endswith("| - us |")
+    out = io.StringIO()
+    report_networks(result, file=out)
+    (line,) = [x for x in out.getvalue().splitlines() if x.startswith(" validate, 1")]
+    assert line.split()[-2:] == ["+50", "us"] and "|" not in line
