@@ -36,7 +36,7 @@ from .._settings import EngineSettings
 from .._tokens import parse_token
 from ..testing import ClusterNode, LocalCluster, RemoteCluster
 from ..testing._netns import Partitions, netns_unavailable
-from .console import Progress, percentile_ms
+from .console import Progress, add_json_option, percentile_ms, report_stream, write_json
 
 Cluster = LocalCluster | RemoteCluster
 
@@ -701,7 +701,9 @@ REMOTE_SCENARIOS = ("manual-failover", "takeover", "script-flush", "slow-node")
 """What a drill can do to a cluster it did not start: commands only, no signals."""
 
 
-def _drill_and_report(args: argparse.Namespace, name: str, cl: Cluster, prefix: str) -> bool:
+def _drill_and_report(
+    args: argparse.Namespace, name: str, cl: Cluster, prefix: str, reports: list[DrillReport]
+) -> bool:
     """Run one scenario, print and write its report; ``True`` if it found no loss."""
     report = run(
         run_drill(
@@ -714,14 +716,16 @@ def _drill_and_report(args: argparse.Namespace, name: str, cl: Cluster, prefix: 
             replica_fallback_after=args.replica_fallback,
         )
     )
-    print(report.summary())
+    reports.append(report)
+    out = report_stream(args)
+    print(report.summary(), file=out)
     stem = args.out / f"{report.scenario}-w{report.wait_replicas}"
     stem.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2))
     if write_chart(report, stem.with_suffix(".png")):
-        print(f"  chart: {stem.with_suffix('.png')}")
+        print(f"  chart: {stem.with_suffix('.png')}", file=out)
     else:
-        print("  chart: skipped (pip install matplotlib, or the 'charts' extra)")
-    print(f"  json: {stem.with_suffix('.json')}")
+        print("  chart: skipped (pip install matplotlib, or the 'charts' extra)", file=out)
+    print(f"  json: {stem.with_suffix('.json')}", file=out)
     return not (report.resurrected or report.failed_other)
 
 
@@ -766,6 +770,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tls", action="store_true", help="the local cluster speaks only TLS (every link)"
     )
+    add_json_option(parser, "every scenario's report (a list)")
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -784,10 +789,11 @@ def execute(args: argparse.Namespace) -> int:
             print(f"{names[0]}: cannot run here: {no_netns}", file=sys.stderr)
             return 2
         for name in skipped:
-            print(f"{name}: skipped: {no_netns}")
+            print(f"{name}: skipped: {no_netns}", file=report_stream(args))
         names = [n for n in names if n not in skipped]
     args.out.mkdir(parents=True, exist_ok=True)
     clean = True
+    reports: list[DrillReport] = []
     for name in names:
         if args.url:
             # A cluster we did not start: our own prefix, removed afterwards (roles stay
@@ -795,13 +801,14 @@ def execute(args: argparse.Namespace) -> int:
             remote = RemoteCluster(args.url)
             prefix = f"drill-{os.urandom(4).hex()}"
             try:
-                clean &= _drill_and_report(args, name, remote, prefix)
+                clean &= _drill_and_report(args, name, remote, prefix, reports)
             finally:
                 remote.delete_prefix(prefix)
         else:
             options = cluster_options(name, args.full_coverage)
             with LocalCluster(**options, tls=args.tls) as local:
-                clean &= _drill_and_report(args, name, local, "drill")
+                clean &= _drill_and_report(args, name, local, "drill", reports)
+    write_json(args.json, [asdict(r) for r in reports])
     return 0 if clean else 1
 
 
