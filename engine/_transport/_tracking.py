@@ -266,6 +266,8 @@ class Tracker:
             id_fut = sub.send("CLIENT", "ID")
             sub_fut = sub.send("SUBSCRIBE", INVALIDATION_CHANNEL)
             for fut in (*futs, id_fut, sub_fut):
+                fut.add_done_callback(_retrieve)
+            for fut in (*futs, id_fut, sub_fut):
                 reply = await asyncio.wait_for(fut, timeout)
                 if isinstance(reply, ReplyError):
                     raise ConnectionError(f"{node.name} refused: {reply}")
@@ -288,6 +290,11 @@ class Tracker:
             if self.node.owner.cluster
             else None
         )
+        # Whatever happens to this task (a timeout, the cache closing), a failure that
+        # reaches these futures later is retrieved: never "exception was never retrieved".
+        for fut in (pong, info):
+            if fut is not None:
+                fut.add_done_callback(_retrieve)
         ok = True
         try:
             async with asyncio.timeout(timeout):
@@ -296,9 +303,6 @@ class Tracker:
                     reply = await info
                     ok = isinstance(reply, bytes) and _CLUSTER_OK in reply
         except Exception:  # no pong in time (paused, partitioned) or a lost connection
-            for fut in (pong, info):
-                if fut is not None and fut.done() and not fut.cancelled():
-                    fut.exception()  # retrieved: not "never retrieved"
             self._silent(epoch, sent_at)
             return
         if epoch != self.epoch:
@@ -328,3 +332,8 @@ class Tracker:
 
 
 _CLUSTER_INFO = pack(("CLUSTER", "INFO"))
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
