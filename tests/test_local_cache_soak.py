@@ -20,9 +20,10 @@ acknowledgement + ``local_cache_max_staleness`` (+ 0 when the writer is the read
 process itself: read-your-writes). The oracle counts violations (must be 0), the largest
 staleness seen (start - acknowledgement, over every stale answer), and the revocation
 delay: for every acknowledged revoke and every other worker that was polling the token (a
-session answer within ``_POLLING`` before the acknowledgement), the end of its first
-``None`` minus the acknowledgement (0 if it came earlier). The delay includes up to one
-poll period (``pause`` + a cycle's work): it is what a polling client observes.
+session answer within ``_POLLING`` before the acknowledgement, and still polling when it
+changed: its answer before the first ``None`` started at most the bound earlier), the end
+of its first ``None`` minus the acknowledgement (0 if it came earlier). The delay includes
+up to one poll period (``pause`` + a cycle's work): it is what a polling client observes.
 
 ``test_soak_short`` (~25 s, in the normal suite) and ``test_soak_full`` (``slow``: 8
 processes, 100k sessions, 5 minutes) run the same code with different plans. The workers
@@ -311,6 +312,7 @@ class SoakReport:
     stale_own_writes: int = 0  # read-your-writes broken: 0
     max_staleness: float = 0.0  # the oldest stale answer: start - acknowledgement
     revocation_delays: list[float] = field(default_factory=list)
+    revocations_unobserved: int = 0  # the poller had stopped polling by then
     examples: list[str] = field(default_factory=list)  # a few violations, for the message
 
     def percentile(self, q: float) -> float:
@@ -410,9 +412,16 @@ def judge(logs: list[list[tuple[float, float, int, int, int]]], bound: float) ->
             was_polling = any(
                 ack - _POLLING <= start <= ack and result >= 0 for start, _, result in answers
             )
-            first_none = next((end for _, end, result in answers if result == NO_SESSION), None)
-            if was_polling and first_none is not None:
-                report.revocation_delays.append(max(0.0, first_none - ack))
+            first = next((i for i, a in enumerate(answers) if a[2] == NO_SESSION), None)
+            if not was_polling or first is None:
+                continue
+            # Observed only if the worker still polled when it changed: its answer before
+            # the first None started less than the bound earlier (not, say, a random read
+            # a minute later, after the hot window had moved on).
+            if first == 0 or answers[first][0] - answers[first - 1][0] > bound:
+                report.revocations_unobserved += 1
+                continue
+            report.revocation_delays.append(max(0.0, answers[first][1] - ack))
     return report
 
 
@@ -547,12 +556,15 @@ def test_the_oracle_flags_stale_answers_only_after_the_bound() -> None:
         (ack + 0.7, ack + 0.7, VALIDATE, 2, 1),  # current data
     ]
     own_late = [(ack + 0.001, ack + 0.002, VALIDATE, 2, 0)]
-    report = judge([writer + own_late, reader], bound=0.5)
+    # A third worker polled token 1 before the revoke, then read it again a minute later.
+    gone_away = [(ack - 0.01, ack - 0.01, VALIDATE, 1, 0), (ack + 60, ack + 60, VALIDATE, 1, -1)]
+    report = judge([writer + own_late, reader, gone_away], bound=0.5)
     assert report.stale == 4
     assert report.stale_beyond_bound == 2
     assert report.stale_own_writes == 1
     assert report.max_staleness == pytest.approx(0.7)
     assert report.revocation_delays == [pytest.approx(0.25)]
+    assert report.revocations_unobserved == 1
     clean = judge([writer, reader[:2] + reader[3:4] + reader[5:]], bound=0.5)
     assert clean.stale_beyond_bound == 0 and clean.stale_own_writes == 0 and clean.stale == 1
 
