@@ -576,7 +576,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     uvloop.run(worker_main(config, Path(config["tokens"]).read_text().split()))
 
 
-# -- found by the soak: closing an engine while a liveness probe is in flight ----------------
+# -- found while building the soak (engine bugs, reported; xfail until fixed) ---------------
 
 
 class _HeldReplies:
@@ -640,3 +640,30 @@ async def test_closing_with_a_probe_in_flight_leaves_no_unretrieved_future(
     finally:
         loop.set_exception_handler(previous)
     assert not [m for m in messages if "never retrieved" in m], messages
+
+
+@pytest.mark.cluster
+@pytest.mark.xfail(
+    strict=True,
+    reason="tracking is ON for every command of the data connection, so the keys that WRITE "
+    "scripts read (user index, chat lists, new session keys) are tracked too: writes alone "
+    "make the server send invalidations for keys no cache holds (and fill its tracking "
+    "table); e.g. 5,000 creates for 500 users gave 15,000 invalidation messages",
+)
+async def test_writes_alone_are_not_tracked(cluster_url: str, prefix: str) -> None:
+    settings = EngineSettings(url=cluster_url, key_prefix=prefix, local_cache_size=100)
+    try:
+        async with SessionEngine(settings) as eng:
+            await _until_ready(eng)
+            cache = eng._cache
+            assert cache is not None
+            for _ in range(3):
+                await eng.create(user_id="alice")
+            new = await eng.create(user_id="bob")
+            await eng.update(new.token, data={"a": 1})
+            for i in range(2):
+                await eng.chat_append("alice", "room", {"i": i})
+            await asyncio.sleep(0.3)  # any invalidation has arrived by now
+            assert cache.invalidations == 0  # no validate ran: nothing was cached
+    finally:
+        await asyncio.to_thread(delete_prefix, cluster_url, prefix)
