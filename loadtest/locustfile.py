@@ -20,7 +20,10 @@ Locust process), enabled with an environment variable and selected by class name
 Both run with the engine's local cache: the reference service turns it on (see
 ``loadtest/app.py``), and so does ``EngineUser`` (``ENGINE_LOCAL_CACHE_SIZE``, default
 100,000; ``0`` turns it off). The dead-token checks after rotate, logout and logout-all
-then also prove that a revocation is never served from a cache.
+then also check read-your-writes: the probe follows the write on the same keep-alive
+connection, so the uvicorn worker that revoked the token is the one asked, and it must
+not answer from its cache. (Another worker may serve the old token for the time one
+invalidation message takes, never longer than ``local_cache_max_staleness``.)
 
 The HTTP scenarios need only Locust (the stock ``locustio/locust`` image runs this file);
 the engine is imported only by ``EngineUser``.
