@@ -90,6 +90,7 @@ class Connection(asyncio.Protocol):
         self.min_deadline = float("inf")  # lower bound of pending deadlines (may be stale-low)
         self.replied = False  # a reply arrived since the watchdog last looked
         self.alive = False
+        self.readonly = False  # READONLY sent (replica fallback reads)
         self._transport: asyncio.Transport | None = None
         self._reader = hiredis.Reader(replyError=ReplyError)
         self._wbuf: list[bytes] = []

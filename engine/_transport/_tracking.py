@@ -104,14 +104,7 @@ class Subscriber(asyncio.Protocol):
         self._on_lost()
 
     def send(self, *args: Any) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        if not self.alive or self._transport is None:
-            fut.set_exception(ConnectionError("invalidation connection is closed"))
-            return fut
-        self._pending.append(fut)
-        self._transport.write(pack(args))
-        return fut
+        return self.send_packed(pack(args))
 
     def send_packed(self, packed: bytes) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -273,6 +266,8 @@ class Tracker:
             id_fut = sub.send("CLIENT", "ID")
             sub_fut = sub.send("SUBSCRIBE", INVALIDATION_CHANNEL)
             for fut in (*futs, id_fut, sub_fut):
+                fut.add_done_callback(_retrieve)
+            for fut in (*futs, id_fut, sub_fut):
                 reply = await asyncio.wait_for(fut, timeout)
                 if isinstance(reply, ReplyError):
                     raise ConnectionError(f"{node.name} refused: {reply}")
@@ -295,6 +290,11 @@ class Tracker:
             if self.node.owner.cluster
             else None
         )
+        # Whatever happens to this task (a timeout, the cache closing), a failure that
+        # reaches these futures later is retrieved: never "exception was never retrieved".
+        for fut in (pong, info):
+            if fut is not None:
+                fut.add_done_callback(_retrieve)
         ok = True
         try:
             async with asyncio.timeout(timeout):
@@ -303,9 +303,6 @@ class Tracker:
                     reply = await info
                     ok = isinstance(reply, bytes) and _CLUSTER_OK in reply
         except Exception:  # no pong in time (paused, partitioned) or a lost connection
-            for fut in (pong, info):
-                if fut is not None and fut.done() and not fut.cancelled():
-                    fut.exception()  # retrieved: not "never retrieved"
             self._silent(epoch, sent_at)
             return
         if epoch != self.epoch:
@@ -335,3 +332,8 @@ class Tracker:
 
 
 _CLUSTER_INFO = pack(("CLUSTER", "INFO"))
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
