@@ -6,12 +6,14 @@ import asyncio
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import delete_prefix
 
 from engine import SessionEngine
 from engine.cli import COMMANDS, main
@@ -198,3 +200,26 @@ def test_bench_network_tables_from_a_result() -> None:
     report_networks(result, file=out)
     (line,) = [x for x in out.getvalue().splitlines() if x.startswith(" validate, 1")]
     assert line.split()[-2:] == ["+50", "us"] and "|" not in line
+
+
+@pytest.mark.cluster
+def test_the_demo_shows_the_local_cache_and_a_revocation_crossing_processes(
+    cluster_url: str, prefix: str
+) -> None:
+    argv = ["--url", cluster_url, "--sessions", "2000", "--users", "200", "--seconds", "1"]
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "engine", "demo", *argv, "--prefix", prefix],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        delete_prefix(cluster_url, prefix)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    report = out.stdout.split("\nreport\n", 1)[1]
+    cache = re.search(r"local cache +hit rate ([\d.]+)% \(([\d,]+) hits", report)
+    assert cache is not None and int(cache.group(2).replace(",", "")) > 0, report
+    crossing = re.search(r"revocation across processes +(\d+)/(\d+) revocations seen", report)
+    assert crossing is not None and crossing.group(1) == crossing.group(2), report

@@ -5,6 +5,10 @@ uvicorn on a free loopback port, and Locust with ``loadtest/locustfile.py``; wai
 run to end, stops what it started (by pid), prints requests, failures, throughput and
 percentiles per endpoint from Locust's CSV, and exits non-zero when anything failed.
 
+The service runs with the engine's local cache (``--local-cache-size``, default
+``ENGINE_LOCAL_CACHE_SIZE`` or 100,000; 0 turns it off); before stopping it, the runner
+reads one worker's ``/metrics`` and prints that worker's local-cache hit rate.
+
 It needs the repository checkout (``loadtest/`` is not part of the wheel) and the
 ``fastapi`` and ``loadtest`` extras.
 """
@@ -39,6 +43,8 @@ LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 HOST = "127.0.0.1"
 _HEALTH_TIMEOUT = 30.0
 _STOP_GRACE = 10.0
+DEFAULT_LOCAL_CACHE_SIZE = 100_000
+_LOCAL_CACHE_ENV = "ENGINE_LOCAL_CACHE_SIZE"
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,49 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> No
     raise RuntimeError(f"the service did not become healthy in {timeout:.0f}s ({last})")
 
 
+def local_cache_size(requested: int | None) -> int:
+    """The service's local cache: the flag, else ``ENGINE_LOCAL_CACHE_SIZE``, else on."""
+    if requested is not None:
+        return requested
+    for name, value in os.environ.items():
+        if name.upper() == _LOCAL_CACHE_ENV:
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"{_LOCAL_CACHE_ENV} must be an integer, not {value!r}") from None
+    return DEFAULT_LOCAL_CACHE_SIZE
+
+
+def local_cache_summary(metrics_text: str) -> str | None:
+    """One line on the local cache from a ``/metrics`` page (``None`` without a cache)."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name.startswith("session_local_cache_") and not sample.labels:
+                values[sample.name] = sample.value
+    hits = values.get("session_local_cache_hits_total")
+    misses = values.get("session_local_cache_misses_total")
+    if hits is None or misses is None:
+        return None
+    invalidations = values.get("session_local_cache_invalidations_total", 0)
+    entries = values.get("session_local_cache_entries", 0)
+    return (
+        f"local cache (one worker's /metrics): hit rate {hits / max(1.0, hits + misses):.1%} "
+        f"({hits:,.0f} hits, {misses:,.0f} misses), {entries:,.0f} entries, "
+        f"{invalidations:,.0f} invalidations"
+    )
+
+
+def _scrape_local_cache(base: str) -> str | None:
+    try:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+            return local_cache_summary(r.read().decode())
+    except (OSError, ValueError) as exc:
+        return f"local cache: /metrics not read ({exc})"
+
+
 def _stop(proc: subprocess.Popen[bytes], grace: float = _STOP_GRACE) -> None:
     """SIGTERM the process we started, then SIGKILL its process group if it lingers.
 
@@ -233,6 +282,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="use this cluster instead of starting a LocalCluster")
     p.add_argument("--out", type=Path, help="directory for the CSV and HTML reports")
     p.add_argument("--prefix", help="key prefix, ENGINE_KEY_PREFIX (default: a unique one per run)")
+    p.add_argument(
+        "--local-cache-size",
+        type=int,
+        help=f"the service's local cache in sessions, 0: off (default: {_LOCAL_CACHE_ENV} "
+        f"if set, else {DEFAULT_LOCAL_CACHE_SIZE:,})",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,6 +306,14 @@ def execute(args: argparse.Namespace) -> int:
     if args.users < 1 or args.duration < 1 or args.workers < 1 or args.spawn_rate <= 0:
         print("error: --users, --spawn-rate, --duration and --workers must be positive")
         return 2
+    try:
+        cache_size = local_cache_size(args.local_cache_size)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cache_size < 0:
+        print("error: --local-cache-size must be >= 0", file=sys.stderr)
+        return 2
     if not LOCUSTFILE.is_file():
         print(f"error: {LOCUSTFILE} not found: run from a repository checkout", file=sys.stderr)
         return 2
@@ -264,6 +327,7 @@ def execute(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     prefix = args.prefix or f"lt{uuid.uuid4().hex[:8]}"
     started: list[subprocess.Popen[bytes]] = []
+    cache_line: str | None = None
     t_start = time.monotonic()
     try:
         with _cluster(args.url) as url:
@@ -272,6 +336,7 @@ def execute(args: argparse.Namespace) -> int:
                 **os.environ,
                 "ENGINE_URL": url,
                 "ENGINE_KEY_PREFIX": prefix,
+                _LOCAL_CACHE_ENV: str(cache_size),
                 "APP_COOKIE_SECURE": "0",
                 **(
                     {"LOCUST_WAIT_MIN": str(args.wait[0]), "LOCUST_WAIT_MAX": str(args.wait[1])}
@@ -349,7 +414,7 @@ def execute(args: argparse.Namespace) -> int:
                 f"loadtest: {args.users} users, spawn {args.spawn_rate}/s, {args.duration}s, "
                 f"think time {wait}, "
                 f"{args.workers} uvicorn worker(s), {args.locust_processes} locust process(es), "
-                f"service {base}, cluster {url}",
+                f"local cache {cache_size:,}, service {base}, cluster {url}",
                 flush=True,
             )
             # Locust's own report goes to a file: the summary below is the one to read.
@@ -369,6 +434,7 @@ def execute(args: argparse.Namespace) -> int:
                 print("error: locust did not finish in time", file=sys.stderr)
                 code = -1
             _stop(locust)
+            cache_line = _scrape_local_cache(base) if cache_size else None
             _stop(service)
             if args.url:
                 _delete_prefix(url, prefix)
@@ -386,6 +452,8 @@ def execute(args: argparse.Namespace) -> int:
     if code != 0:
         print(_tail(out / "locust.log"), file=sys.stderr)
     print(format_summary(rows))
+    if cache_line:
+        print(cache_line)
     total = next((r for r in rows if r.name == "Aggregated"), None)
     failures = _read_failures(csv_prefix)
     for method, name, error, count in failures:
