@@ -100,6 +100,7 @@ FEATURES: dict[str, Feature] = {
             commands=(
                 "client|id",
                 "client|tracking",
+                "client|caching",
                 "cluster|info",
                 "subscribe",
                 "ping",

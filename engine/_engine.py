@@ -44,6 +44,7 @@ from ._scripts import Script, scripts
 from ._settings import MAX_TTL, MIN_TTL, EngineSettings
 from ._tokens import new_token, parse_token, random_tag, session_id_of
 from ._transport import Transport, TransportOptions, pack
+from ._transport._tracking import CACHING_YES
 
 if TYPE_CHECKING:
     from ._events import SessionEventStream
@@ -582,7 +583,11 @@ class SessionEngine:
         else:
             packed = self._pack_validate(derived[2], self._states(states))
         deadline = transport.loop.time() + self._timeout
-        fut = transport.try_send(derived[0], packed, deadline)
+        # A reply the local cache may store must have its key tracked: CLIENT CACHING YES
+        # goes just before it (tracking is OPTIN, see engine/_transport/_tracking.py).
+        fut = transport.try_send(
+            derived[0], packed, deadline, None if ticket is None else CACHING_YES
+        )
         reply: Any = None
         if self._fallback_after is not None:
             try:
@@ -782,7 +787,12 @@ class SessionEngine:
             if not items:
                 continue
             direct = [True] * len(items) if cache is not None else None
-            replies = await transport.call_many(items, script=self._validate_script, direct=direct)
+            replies = await transport.call_many(
+                items,
+                script=self._validate_script,
+                direct=direct,
+                prefix=None if cache is None else CACHING_YES,
+            )
             failed = next((r for r in replies if isinstance(r, EngineUnavailable)), None)
             if failed is not None:
                 m.errors += 1

@@ -579,7 +579,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
 # -- found while building the soak ----------------------------------------------------------
 # Closing with a probe in flight left its CLUSTER INFO future to fail unretrieved ("Future
 # exception was never retrieved" at every such shutdown): fixed in 9b9239b, kept as a
-# regression test. Keys read by write scripts being tracked: reported, xfail until decided.
+# regression test. Keys read by write scripts were tracked (every command of the data
+# connection was): tracking is OPTIN now, only validations that may be cached are tracked.
 
 
 class _HeldReplies:
@@ -639,13 +640,6 @@ async def test_closing_with_a_probe_in_flight_leaves_no_unretrieved_future(
 
 
 @pytest.mark.cluster
-@pytest.mark.xfail(
-    strict=True,
-    reason="tracking is ON for every command of the data connection, so the keys that WRITE "
-    "scripts read (user index, chat lists, new session keys) are tracked too: writes alone "
-    "make the server send invalidations for keys no cache holds (and fill its tracking "
-    "table); e.g. 5,000 creates for 500 users gave 15,000 invalidation messages",
-)
 async def test_writes_alone_are_not_tracked(cluster_url: str, prefix: str) -> None:
     settings = EngineSettings(url=cluster_url, key_prefix=prefix, local_cache_size=100)
     try:

@@ -417,7 +417,9 @@ class Transport:
     def deadline(self, timeout: float | None = None) -> float:
         return self.loop.time() + (self.options.command_timeout if timeout is None else timeout)
 
-    def try_send(self, slot: int, packed: bytes, deadline: float) -> asyncio.Future[Any] | None:
+    def try_send(
+        self, slot: int, packed: bytes, deadline: float, prefix: bytes | None = None
+    ) -> asyncio.Future[Any] | None:
         """The hot path's fast lane: queue ``packed`` on the slot's node if it has a live
         connection with room, and return the reply's future; ``None`` if anything needs
         ``call``'s slow path (connecting, back-pressure, a closed transport).
@@ -430,7 +432,7 @@ class Transport:
         conn = self._slot_nodes[slot].conn
         if conn is None or not conn.alive or conn.full or self._state is not State.OPEN:
             return None
-        return conn.send(packed, deadline)
+        return conn.send(packed, deadline, prefix)
 
     async def call(
         self,
@@ -597,6 +599,7 @@ class Transport:
         script: Script | None = None,
         deadline: float | None = None,
         direct: list[bool] | None = None,
+        prefix: bytes | None = None,
     ) -> list[Any]:
         """Send many idempotent commands at once; replies in input order.
 
@@ -608,14 +611,15 @@ class Transport:
         raises for a single item: a failed item's place holds an ``EngineUnavailable``.
         ``direct``, if given (one ``True`` per item), gets ``False`` for the items retried
         through ``call``, whose reply may come from another node than the slot's at the
-        start (the local cache stores only direct replies).
+        start (the local cache stores only direct replies). ``prefix``: a command written
+        before each item of the first round, its reply dropped (``CLIENT CACHING YES``).
         """
         if self._state is not State.OPEN:
             raise EngineUnavailable("the transport is not open")
         loop = self.loop
         if deadline is None:
             deadline = loop.time() + self.options.command_timeout
-        results = await self._send_bulk(items, deadline)
+        results = await self._send_bulk(items, deadline, prefix)
         if script is not None and any(_is_noscript(r) for r in results):
             # Scripts were flushed: load them once, then resend those items in bulk, rather
             # than EVAL (the whole source) per item.
@@ -644,7 +648,9 @@ class Transport:
             await asyncio.gather(*(again(i) for i in retry))
         return results
 
-    async def _send_bulk(self, items: Sequence[tuple[int, bytes]], deadline: float) -> list[Any]:
+    async def _send_bulk(
+        self, items: Sequence[tuple[int, bytes]], deadline: float, prefix: bytes | None = None
+    ) -> list[Any]:
         """One pipelined round: every item to its slot's node, replies (or errors) in order."""
         results: list[Any] = [None] * len(items)
         groups: dict[Node, list[int]] = {}
@@ -678,7 +684,7 @@ class Transport:
                 if not conn.alive:
                     break
                 for i in indices[start : start + _BULK_CHUNK]:
-                    send_to(sink, items[i][1], deadline)
+                    send_to(sink, items[i][1], deadline, prefix)
                     sent += 1
             if sent < len(indices):
                 sink.sent(sent)
