@@ -209,7 +209,7 @@ def test_the_demo_shows_the_local_cache_and_a_revocation_crossing_processes(
     argv = ["--url", cluster_url, "--sessions", "2000", "--users", "200", "--seconds", "1"]
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "engine", "demo", *argv, "--prefix", prefix],
+            [sys.executable, "-m", "engine", "demo", *argv, "--prefix", prefix, "--json"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -218,7 +218,11 @@ def test_the_demo_shows_the_local_cache_and_a_revocation_crossing_processes(
     finally:
         delete_prefix(cluster_url, prefix)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    report = out.stdout.split("\nreport\n", 1)[1]
+    result = json.loads(out.stdout)  # --json alone: stdout is the JSON, the table on stderr
+    assert result["figures"]["validate_per_s"] > 0
+    assert result["figures"]["create_per_s"] > 0
+    report = out.stderr.split("report", 1)[1]
+    assert "\x1b[" not in report  # a pipe: no colour codes
     cache = re.search(r"local cache +hit rate ([\d.]+)% \(([\d,]+) hits", report)
     assert cache is not None and int(cache.group(2).replace(",", "")) > 0, report
     crossing = re.search(r"revocation across processes +(\d+)/(\d+) revocations seen", report)

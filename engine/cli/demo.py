@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from .._engine import SessionEngine
 from .._errors import EngineUnavailable
@@ -31,7 +31,14 @@ from .._keys import slot_of_tag
 from .._run import run
 from .._settings import EngineSettings
 from .._tokens import parse_token
-from .console import Progress, percentile_ms
+from .console import (
+    Progress,
+    add_json_option,
+    percentile_ms,
+    print_table,
+    report_stream,
+    write_json,
+)
 
 __all__ = ["main", "peer_main"]
 
@@ -43,14 +50,20 @@ _PEER_SCRIPT = "from engine.cli.demo import peer_main; peer_main()"
 
 @dataclass
 class Report:
+    """The demo's report: a line per figure for the table, the numbers for ``--json``."""
+
     lines: list[tuple[str, str]] = field(default_factory=list)
+    figures: dict[str, float | int | None] = field(default_factory=dict)
 
-    def add(self, name: str, value: str) -> None:
+    def add(self, name: str, value: str, **figures: float | int | None) -> None:
         self.lines.append((name, value))
+        self.figures.update(figures)
 
-    def render(self) -> str:
-        width = max(len(n) for n, _ in self.lines)
-        return "\n".join(f"  {n.ljust(width)}  {v}" for n, v in self.lines)
+    def print(self, out: IO[str]) -> None:
+        print_table("report", ["figure", "value"], self.lines, file=out)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"figures": self.figures, "report": dict(self.lines)}
 
 
 async def _create_sessions(
@@ -332,6 +345,7 @@ async def _failover(
 async def _demo(args: argparse.Namespace, url: str, cl: object | None) -> int:
     progress = Progress()
     report = Report()
+    out = report_stream(args)
     settings = EngineSettings(
         url=url, key_prefix=args.prefix, local_cache_size=args.local_cache_size
     )
@@ -339,32 +353,47 @@ async def _demo(args: argparse.Namespace, url: str, cl: object | None) -> int:
         before = await eng.stats()
         mem0 = sum(before.used_memory_bytes.values())
         mode = before.mode
-        print(f"engine open: {mode}, {before.primaries} primaries")
+        print(f"engine open: {mode}, {before.primaries} primaries", file=out)
 
         t0 = time.perf_counter()
         tokens = await _create_sessions(eng, args.sessions, args.users, progress)
         dt = time.perf_counter() - t0
         progress.done(f"created {len(tokens):,} sessions for {args.users:,} users in {dt:.1f}s")
-        report.add("create", f"{len(tokens) / dt:,.0f} sessions/s")
+        report.add("create", f"{len(tokens) / dt:,.0f} sessions/s", create_per_s=len(tokens) / dt)
 
         count, hits, lat, cpu = await _validate_for(eng, tokens, args.seconds, progress)
         rate = count / args.seconds
         progress.done(f"validated {count:,} tokens in {args.seconds:.0f}s")
         cached = f", local cache of {args.local_cache_size:,}" if args.local_cache_size else ""
-        report.add("validate", f"{rate:,.0f}/s with 256 concurrent tasks, one process{cached}")
+        report.add(
+            "validate",
+            f"{rate:,.0f}/s with 256 concurrent tasks, one process{cached}",
+            validate_per_s=rate,
+        )
+        p50, p99, p999 = (percentile_ms(lat, q) for q in (50, 99, 99.9))
         report.add(
             "validate latency",
-            f"p50 {percentile_ms(lat, 50) or 0:.2f} ms, p99 {percentile_ms(lat, 99) or 0:.2f} ms, "
-            f"p99.9 {percentile_ms(lat, 99.9) or 0:.2f} ms",
+            f"p50 {p50 or 0:.2f} ms, p99 {p99 or 0:.2f} ms, p99.9 {p999 or 0:.2f} ms",
+            validate_p50_ms=p50,
+            validate_p99_ms=p99,
+            validate_p999_ms=p999,
         )
-        report.add("client CPU", f"{cpu / count * 1e6:.1f} us per validation")
+        report.add(
+            "client CPU",
+            f"{cpu / count * 1e6:.1f} us per validation",
+            client_cpu_us_per_validation=cpu / count * 1e6,
+        )
 
         sample = random.sample(tokens, min(10_000, len(tokens)))
         t0 = time.perf_counter()
         found = await eng.validate_many(sample)
         dt = time.perf_counter() - t0
         progress.done(f"bulk lookup: {len(sample):,} tokens in {dt * 1e3:.0f} ms")
-        report.add("validate_many", f"{len(sample) / dt:,.0f} sessions/s (batch {len(sample):,})")
+        report.add(
+            "validate_many",
+            f"{len(sample) / dt:,.0f} sessions/s (batch {len(sample):,})",
+            validate_many_per_s=len(sample) / dt,
+        )
         assert all(s is not None for s in found)
 
         rotated = [await eng.rotate(t) for t in tokens[:500]]
@@ -421,8 +450,9 @@ async def _demo(args: argparse.Namespace, url: str, cl: object | None) -> int:
             report.add("failover", "skipped (--no-failover)")
         else:
             report.add("failover", "skipped (not a cluster this demo started)")
-    print("\nreport")
-    print(report.render())
+    print(file=out)
+    report.print(out)
+    write_json(args.json, report.as_json())
     return 0
 
 
@@ -440,6 +470,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=100_000,
         help="the engine's local cache, in sessions (0: off)",
     )
+    add_json_option(parser, "the report's figures")
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -451,10 +482,11 @@ def execute(args: argparse.Namespace) -> int:
         return run(_demo(args, args.url, None))
     from ..testing import LocalCluster  # noqa: PLC0415
 
-    print("starting a local cluster: 3 primaries + 3 replicas ...", flush=True)
+    out = report_stream(args)
+    print("starting a local cluster: 3 primaries + 3 replicas ...", file=out, flush=True)
     t0 = time.perf_counter()
     with LocalCluster(primaries=3, replicas_per_primary=1) as cl:
-        print(f"cluster up in {time.perf_counter() - t0:.1f}s at {cl.url}")
+        print(f"cluster up in {time.perf_counter() - t0:.1f}s at {cl.url}", file=out)
         with contextlib.suppress(KeyboardInterrupt):
             return run(_demo(args, cl.url, cl))
         return 130
