@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ def test_short_locust_run_has_no_failures(
         "--wait",  # short think time: enough requests in a short run
         "1",
         "3",
+        "--json",
+        str(tmp_path / "loadtest.json"),
     ]
     try:
         code = _loadtest.main(argv)
@@ -66,6 +69,9 @@ def test_short_locust_run_has_no_failures(
     assert "local cache 100,000" in out, out
     assert re.search(r"local cache \(one worker's /metrics\): hit rate [\d.]+% \([\d,]+ hits", out)
     assert (tmp_path / "locust.html").is_file()
+    figures = json.loads((tmp_path / "loadtest.json").read_text())
+    by_name = {e["name"]: e for e in figures["endpoints"]}
+    assert by_name["Aggregated"]["requests"] == total.requests and figures["failures"] == []
     assert left == []
 
 

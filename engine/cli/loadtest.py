@@ -30,11 +30,14 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from rich.table import Column
 
 from ..testing import LocalCluster
 from . import CHECKOUT
+from .console import add_json_option, print_table, report_stream, right, write_json
 
 __all__ = ["EndpointStats", "main", "read_stats"]
 
@@ -112,10 +115,15 @@ def _read_failures(csv_prefix: Path) -> list[tuple[str, str, str, int]]:
         ]
 
 
-def format_summary(rows: Sequence[EndpointStats]) -> str:
-    """A fixed-width table of the rows (aggregate last)."""
-    header = ("endpoint", "requests", "failures", "rps", "p50 ms", "p95 ms", "p99 ms", "max ms")
-    table = [header] + [
+SUMMARY_COLUMNS: list[str | Column] = [
+    "endpoint",
+    *(right(c) for c in ("requests", "failures", "rps", "p50 ms", "p95 ms", "p99 ms", "max ms")),
+]
+
+
+def summary_rows(rows: Sequence[EndpointStats]) -> list[tuple[str, ...]]:
+    """The rows of the summary table (aggregate last), as the table shows them."""
+    return [
         (
             f"{r.method} {r.name}".strip(),
             str(r.requests),
@@ -128,14 +136,6 @@ def format_summary(rows: Sequence[EndpointStats]) -> str:
         )
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in table
-    )
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -282,6 +282,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="use this cluster instead of starting a LocalCluster")
     p.add_argument("--out", type=Path, help="directory for the CSV and HTML reports")
     p.add_argument("--prefix", help="key prefix, ENGINE_KEY_PREFIX (default: a unique one per run)")
+    add_json_option(p, "the per-endpoint statistics")
     p.add_argument(
         "--local-cache-size",
         type=int,
@@ -415,6 +416,7 @@ def execute(args: argparse.Namespace) -> int:
                 f"think time {wait}, "
                 f"{args.workers} uvicorn worker(s), {args.locust_processes} locust process(es), "
                 f"local cache {cache_size:,}, service {base}, cluster {url}",
+                file=report_stream(args),
                 flush=True,
             )
             # Locust's own report goes to a file: the summary below is the one to read.
@@ -451,19 +453,35 @@ def execute(args: argparse.Namespace) -> int:
         return 1
     if code != 0:
         print(_tail(out / "locust.log"), file=sys.stderr)
-    print(format_summary(rows))
+    report = report_stream(args)
+    print_table(None, SUMMARY_COLUMNS, summary_rows(rows), file=report)
     if cache_line:
-        print(cache_line)
+        print(cache_line, file=report)
     total = next((r for r in rows if r.name == "Aggregated"), None)
     failures = _read_failures(csv_prefix)
     for method, name, error, count in failures:
-        print(f"failure x{count}: {method} {name}: {error}")
+        print(f"failure x{count}: {method} {name}: {error}", file=report)
+    write_json(
+        args.json,
+        {
+            "endpoints": [asdict(r) for r in rows],
+            "failures": [
+                {"method": m, "name": n, "error": e, "count": c} for m, n, e, c in failures
+            ],
+            "local_cache": cache_line,
+            "users": args.users,
+            "spawn_rate": args.spawn_rate,
+            "duration_s": args.duration,
+            "reports": str(out),
+        },
+    )
     if total is not None:
         print(
             f"total: {total.requests} requests, {total.failures} failures, "
             f"{total.rps:.1f} req/s, p50 {total.p50:.0f} ms, p95 {total.p95:.0f} ms, "
             f"p99 {total.p99:.0f} ms; workers {args.workers}; "
-            f"wall {time.monotonic() - t_start:.0f}s; reports in {out}"
+            f"wall {time.monotonic() - t_start:.0f}s; reports in {out}",
+            file=report,
         )
     if code != 0 or total is None or total.failures:
         return 1
