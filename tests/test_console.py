@@ -147,3 +147,13 @@ def test_write_json_to_stdout_or_a_file(tmp_path: Path, capsys: pytest.CaptureFi
     write_json(tmp_path / "r.json", [1, 2])
     assert json.loads((tmp_path / "r.json").read_text()) == [1, 2]
     assert capsys.readouterr().out == ""
+
+
+def test_a_cell_is_data_not_markup() -> None:
+    import io
+
+    from engine.cli.console import print_table
+
+    out = io.StringIO()
+    print_table(None, ["endpoint"], [["GET /chat/[room]"], ["[bold]x[/bold]"]], file=out)
+    assert "/chat/[room]" in out.getvalue() and "[bold]x[/bold]" in out.getvalue()

@@ -177,7 +177,8 @@ def print_table(
         show_edge=False,
     )
     for row in rows:
-        table.add_row(*(_cell(v) for v in row))
+        # Text, not str: a cell is data, never rich markup ("/chat/[room]" must stay whole).
+        table.add_row(*(Text(_cell(v)) for v in row))
     console = Console(file=stream, highlight=False)
     if console.is_terminal and not (console.no_color or console.is_dumb_terminal):
         console.print(table)
