@@ -23,6 +23,7 @@ TINY = [
     *("--latency-samples", "1000", "--zipf-tokens", "1000", "--mix-samples", "5000"),
     *("--mix-tasks", "4", "--memory-entries", "500", "--workers", "2", "--tracked", "200"),
     *("--revocations", "4", "--revoke-gap-ms", "2", "--worker-timeout", "30"),
+    *("--fan-out-writes", "50"),
     # Any commit works for the shape of the output; HEAD exists in every clone.
     *("--baseline-commit", "HEAD"),
 ]
@@ -56,6 +57,7 @@ def test_tiny_run_reports_every_figure(tmp_path: Path) -> None:
     }
     for row in hits["rows"]:
         assert number(row["ops_per_s"]) and number(row["cpu_us_per_op"]), row
+        assert number(row["ops_per_cpu_second"]), row
         assert len(row["all_rounds_ops_per_s"]) == 2
         assert row["none"] == 0, row
         if row["engine"] == "cached":
@@ -86,10 +88,17 @@ def test_tiny_run_reports_every_figure(tmp_path: Path) -> None:
         assert isinstance(revocation[f"from_ack_{figure}_ms"], float)
         assert isinstance(revocation[f"from_send_{figure}_ms"], float)
 
+    fan_out = result["fan_out"]
+    assert fan_out["updates"] == 50 and fan_out["holders_per_key"] == 2
+    assert fan_out["invalidation_messages"] == 2 * 50  # one per (key, caching process)
+    for figure in ("server_cpu_us_per_update_unwatched", "server_cpu_us_per_update_watched"):
+        assert number(fan_out[figure])
+    assert "server_cpu_us_per_message" in fan_out  # a float, or None below the 10 ms tick
+
     tracking = result["tracking"]
     steps = tracking["steps"]
     assert [s["processes"] for s in steps] == [0, 1, 2]
-    assert [s["tracking_total_items"] for s in steps] == [0, 200, 400]
+    assert [s["tracking_total_items"] for s in steps] == [0, 200, 400]  # before the fan-out
     assert steps[2]["tracking_total_keys"] == 200
     for figure in (
         "bytes_per_tracked_key_first_process",
@@ -120,6 +129,7 @@ def test_tiny_run_reports_every_figure(tmp_path: Path) -> None:
     ("argv", "message"),
     [
         (["--workers", "0"], "--workers must be > 0"),
+        (["--fan-out-writes", "-1"], "--fan-out-writes must be > 0"),
         (["--hot", "8", "--tasks", "16"], "--hot must be >= --tasks"),
         (["--write-fraction", "1.5"], "--write-fraction must be in [0, 1)"),
         (["--callgrind", "3200,640"], "expected 0 < LOW < HIGH"),
