@@ -78,6 +78,7 @@ def test_tiny_run_reports_every_figure(tmp_path: Path) -> None:
         row = mix["rows"][label]
         assert number(row["ops_per_s"]) and number(row["validations_per_s"])
         assert row["writes"] > 0 and row["validations"] > 0
+        assert row["unexplained_none"] == 0, row  # no live session refused
     assert 0 < mix["rows"]["cached"]["hit_rate"] <= 1
     assert mix["rows"]["uncached"]["hit_rate"] is None
     assert number(mix["ratio"])

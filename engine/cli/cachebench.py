@@ -364,7 +364,10 @@ async def _mix_round(
     write_every = max(1, round(1 / args.write_fraction)) if args.write_fraction > 0 else 0
     counter = itertools.count(offset)
     total = len(samples)
-    counts = {"validations": 0, "none": 0, "writes": 0, "write_errors": 0}
+    counts = {"validations": 0, "none": 0, "unexplained_none": 0, "writes": 0, "write_errors": 0}
+    # Odd while a write of that session is in flight: a None answer while it stayed even
+    # (and the token stayed current) is a live session refused, which must never happen.
+    epoch: dict[int, int] = {}
     kinds = ("update", "rotate", "revoke+create")
     perf = time.perf_counter
     stop = perf() + args.seconds
@@ -379,6 +382,7 @@ async def _mix_round(
                     kind = kinds[(j // write_every) % 3]
                     counts["writes"] += 1
                     token = tokens[idx]
+                    epoch[idx] = epoch.get(idx, 0) + 1
                     try:
                         if kind == "update":
                             await eng.update(token, data={"i": idx, "j": j})
@@ -391,10 +395,16 @@ async def _mix_round(
                             ).token
                     except EngineError:  # a concurrent task changed it first
                         counts["write_errors"] += 1
+                    finally:
+                        epoch[idx] += 1
                     continue
                 counts["validations"] += 1
-                if await validate(tokens[idx]) is None:
+                token = tokens[idx]
+                before = epoch.get(idx, 0)
+                if await validate(token) is None:
                     counts["none"] += 1
+                    if before % 2 == 0 and epoch.get(idx, 0) == before and tokens[idx] == token:
+                        counts["unexplained_none"] += 1
             await asyncio.sleep(0)  # hits never yield: let the others and the probe run
 
     cache = eng._cache
@@ -457,6 +467,7 @@ async def _mix(
             "writes": sum(m["writes"] for m in measured),
             "write_errors": sum(m["write_errors"] for m in measured),
             "none": sum(m["none"] for m in measured),
+            "unexplained_none": sum(m["unexplained_none"] for m in measured),
             "validations": sum(m["validations"] for m in measured),
             "all_rounds_ops_per_s": [m["ops_per_s"] for m in measured],
         }
@@ -965,14 +976,15 @@ def render(result: dict[str, Any]) -> str:
     mix = result["mix"]
     out += [
         "",
-        "| mix | ops/s | validations/s | hit rate | client CPU us/op |",
-        "|---|---:|---:|---:|---:|",
+        "| mix | ops/s | validations/s | hit rate | client CPU us/op "
+        "| None answers (unexplained) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for label, row in mix["rows"].items():
         rate = "" if row["hit_rate"] is None else f"{row['hit_rate']:.3f}"
         out.append(
             f"| {label} | {row['ops_per_s']:,.0f} | {row['validations_per_s']:,.0f} | {rate} | "
-            f"{row['cpu_us_per_op']:.2f} |"
+            f"{row['cpu_us_per_op']:.2f} | {row['none']:,} ({row['unexplained_none']}) |"
         )
     rev = result["revocation"]
     out.append("")
