@@ -365,9 +365,11 @@ async def _mix_round(
     counter = itertools.count(offset)
     total = len(samples)
     counts = {"validations": 0, "none": 0, "unexplained_none": 0, "writes": 0, "write_errors": 0}
-    # Odd while a write of that session is in flight: a None answer while it stayed even
-    # (and the token stayed current) is a live session refused, which must never happen.
-    epoch: dict[int, int] = {}
+    # Writes in flight per session, and writes started so far: a None answer when neither
+    # a write was in flight nor one started meanwhile (and the token stayed current) is a
+    # live session refused, which must never happen.
+    inflight: dict[int, int] = {}
+    started: dict[int, int] = {}
     kinds = ("update", "rotate", "revoke+create")
     perf = time.perf_counter
     stop = perf() + args.seconds
@@ -382,7 +384,8 @@ async def _mix_round(
                     kind = kinds[(j // write_every) % 3]
                     counts["writes"] += 1
                     token = tokens[idx]
-                    epoch[idx] = epoch.get(idx, 0) + 1
+                    inflight[idx] = inflight.get(idx, 0) + 1
+                    started[idx] = started.get(idx, 0) + 1
                     try:
                         if kind == "update":
                             await eng.update(token, data={"i": idx, "j": j})
@@ -396,14 +399,20 @@ async def _mix_round(
                     except EngineError:  # a concurrent task changed it first
                         counts["write_errors"] += 1
                     finally:
-                        epoch[idx] += 1
+                        inflight[idx] -= 1
                     continue
                 counts["validations"] += 1
                 token = tokens[idx]
-                before = epoch.get(idx, 0)
+                quiet = not inflight.get(idx)
+                before = started.get(idx, 0)
                 if await validate(token) is None:
                     counts["none"] += 1
-                    if before % 2 == 0 and epoch.get(idx, 0) == before and tokens[idx] == token:
+                    if (
+                        quiet
+                        and not inflight.get(idx)
+                        and started.get(idx, 0) == before
+                        and tokens[idx] == token
+                    ):
                         counts["unexplained_none"] += 1
             await asyncio.sleep(0)  # hits never yield: let the others and the probe run
 
