@@ -134,6 +134,7 @@ def test_tiny_run_reports_every_figure(tmp_path: Path) -> None:
         (["--hot", "8", "--tasks", "16"], "--hot must be >= --tasks"),
         (["--write-fraction", "1.5"], "--write-fraction must be in [0, 1)"),
         (["--callgrind", "3200,640"], "expected 0 < LOW < HIGH"),
+        (["--baseline-commit", "no-such-commit"], "is not a commit of"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_cluster(argv: list[str], message: str) -> None:

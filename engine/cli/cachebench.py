@@ -8,7 +8,9 @@ shared, noisy machine:
    phases would pollute the tracking table). ``--workers`` processes, each an engine with
    the cache, cache the same ``--tracked`` sessions, started one by one; the primaries'
    ``INFO`` (``tracking_total_keys``, ``tracking_total_items``, ``used_memory``) is read
-   before and after each. Then every worker polls ``--revocations`` of those tokens while
+   before and after each; the primaries' CPU per invalidation message (``--fan-out-writes``
+   updates of sessions every worker caches, against as many of sessions nobody caches).
+   Then every worker polls ``--revocations`` of those tokens while
    this process revokes them one by one: the delay from the revoke's acknowledgement to
    the first ``None`` each worker sees (wall clock, ``time.time()``, one machine).
 2. **Hits**: one process, hot tokens, a cached engine against an uncached one, alternating
@@ -1112,6 +1114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli_main(["bench", "--local-cache", *(sys.argv[3:] if argv is None else argv)])
 
 
+def _is_commit(ref: str) -> bool:
+    """``ref`` names a commit of this checkout (False without git or outside a checkout)."""
+    if shutil.which("git") is None or ref.startswith("-"):
+        return False
+    cmd = ["git", "-C", str(CHECKOUT), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"]
+    return subprocess.run(cmd, capture_output=True, timeout=30, check=False).returncode == 0
+
+
 def _check(args: argparse.Namespace) -> None:
     positive = [
         *("seconds", "rounds", "hot", "tasks", "latency_samples", "zipf_tokens"),
@@ -1127,6 +1137,14 @@ def _check(args: argparse.Namespace) -> None:
         raise SystemExit("--write-fraction must be in [0, 1)")
     if args.callgrind and shutil.which("valgrind") is None:
         raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
+    if args.callgrind and not (CHECKOUT / "scripts" / "hotpath_instructions.py").exists():
+        raise SystemExit(f"--callgrind needs a checkout: no scripts/ in {CHECKOUT}")
+    # The baseline comes from git history: refuse now, not after minutes of measuring.
+    if not _is_commit(args.baseline_commit):
+        raise SystemExit(
+            f"--baseline-commit {args.baseline_commit!r} is not a commit of {CHECKOUT} "
+            "(the comparison needs a git checkout with that history)"
+        )
 
 
 def execute(args: argparse.Namespace) -> int:
