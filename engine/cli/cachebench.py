@@ -14,7 +14,8 @@ shared, noisy machine:
    this process revokes them one by one: the delay from the revoke's acknowledgement to
    the first ``None`` each worker sees (wall clock, ``time.time()``, one machine).
 2. **Hits**: one process, hot tokens, a cached engine against an uncached one, alternating
-   rounds: sequential awaits, and gathers of ``--tasks`` concurrent validations; the latency
+   rounds: sequential awaits, ``--tasks`` long-lived tasks, and gathers of ``--tasks``
+   concurrent validations; the latency
    of each hit (``perf_counter`` around each await).
 3. **A realistic mix**: Zipf (``--zipf-s``) over ``--zipf-tokens`` sessions, every
    ``1 / --write-fraction``-th operation a write (update, rotate, revoke + create in turn),
