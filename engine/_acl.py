@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ._events import keyspace_pattern
-from ._scripts import scripts
+from ._scripts import SCRIPT_NAMES, scripts
 
 __all__ = [
     "BASE",
@@ -79,15 +79,8 @@ FEATURES: dict[str, Feature] = {
             "create, validate, validate_many, update, rotate, revoke, revoke_user, "
             "list_user, ping, stats",
             commands=("info", "dbsize", "scan", "randomkey"),  # stats(): INFO memory, sizes
-            scripts=(
-                "validate",
-                "create",
-                "update",
-                "revoke",
-                "revoke_user",
-                "rotate",
-                "list_user",
-            ),
+            # Every script but the chat ones (tests/test_acl.py: each belongs to a feature).
+            scripts=tuple(n for n in SCRIPT_NAMES if not n.startswith("chat_")),
         ),
         Feature(
             "chat",
@@ -107,6 +100,7 @@ FEATURES: dict[str, Feature] = {
             commands=(
                 "client|id",
                 "client|tracking",
+                "client|caching",
                 "cluster|info",
                 "subscribe",
                 "ping",
@@ -119,6 +113,12 @@ FEATURES: dict[str, Feature] = {
             "(checks notify-keyspace-events; GET resolves the owner of a new session)",
             commands=("psubscribe", "config|get", "get"),
             channels=(_PREFIXED_KEYSPACE,),
+        ),
+        Feature(
+            "replica_fallback",
+            "replica_fallback_after: validations read from a replica (READONLY, EVAL_RO) "
+            "while the primary does not answer",
+            commands=("readonly", "eval_ro"),
         ),
         Feature(
             "select_db",

@@ -12,7 +12,7 @@ import enum
 import itertools
 import ssl
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar, cast
 from urllib.parse import unquote
@@ -44,6 +44,7 @@ from ._scripts import Script, scripts
 from ._settings import MAX_TTL, MIN_TTL, EngineSettings
 from ._tokens import new_token, parse_token, random_tag, session_id_of
 from ._transport import Transport, TransportOptions, pack
+from ._transport._tracking import CACHING_YES
 
 if TYPE_CHECKING:
     from ._events import SessionEventStream
@@ -154,6 +155,7 @@ class SessionEngine:
         v = self._scripts["validate"]
         self._validate_sha = v.sha
         self._validate_script = v
+        self._fallback_after = settings.replica_fallback_after
 
     @classmethod
     def from_url(cls, url: str, **settings_fields: Any) -> SessionEngine:
@@ -581,8 +583,29 @@ class SessionEngine:
         else:
             packed = self._pack_validate(derived[2], self._states(states))
         deadline = transport.loop.time() + self._timeout
-        fut = transport.try_send(derived[0], packed, deadline)
+        # A reply the local cache may store must have its key tracked: CLIENT CACHING YES
+        # goes just before it (tracking is OPTIN, see engine/_transport/_tracking.py).
+        fut = transport.try_send(
+            derived[0], packed, deadline, None if ticket is None else CACHING_YES
+        )
         reply: Any = None
+        if self._fallback_after is not None:
+            try:
+                states_arg = self._default_states if states is None else self._states(states)
+                reply, direct = await self._validate_falling_back(
+                    derived, states_arg, packed, deadline, fut
+                )
+            except EngineUnavailable:
+                m.errors += 1
+                raise
+            if not direct:
+                ticket = None
+            fut = None
+            m.latency((time.perf_counter() - t0) * 1000.0)
+            session = self._validated(derived[1], reply)
+            if ticket is not None and session is not None:
+                self._cache_store(derived, session, reply, ticket)
+            return session
         if fut is not None:
             try:
                 reply = await fut
@@ -609,6 +632,72 @@ class SessionEngine:
         if ticket is not None and session is not None:
             self._cache_store(derived, session, reply, ticket)
         return session
+
+    async def _validate_falling_back(
+        self,
+        derived: tuple[int, str, str, bytes],
+        states_arg: bytes,
+        packed: bytes,
+        deadline: float,
+        fut: asyncio.Future[Any] | None,
+    ) -> tuple[Any, bool]:
+        """``validate`` with ``replica_fallback_after``: the primary's reply, or a replica's
+        if the primary has not answered in that time (or failed); ``(reply, direct)``,
+        ``direct`` when it is the fast lane's first reply (the only kind the local cache
+        stores). A replica read runs the script read-only (EVAL_RO, no refresh).
+        """
+        transport = self.transport
+        loop = transport.loop
+        slot = derived[0]
+        script = self._validate_script
+
+        async def from_primary() -> tuple[Any, bool]:
+            first: Any = None
+            if fut is not None:
+                try:
+                    first = await fut
+                except Exception as exc:  # the transport's own failure type: call() decides
+                    first = exc
+                if type(first) is list or type(first) is int:
+                    return first, True
+            reply = await transport.call(
+                slot, packed, deadline=deadline, script=script, first=first
+            )
+            return reply, False
+
+        primary = loop.create_task(from_primary())
+        assert self._fallback_after is not None
+        done, _ = await asyncio.wait((primary,), timeout=self._fallback_after)
+        if done and primary.exception() is None:
+            return primary.result()
+        read_only = pack((b"EVAL_RO", script.source, b"1", derived[2], states_arg, b"0", b"0"))
+        replica = loop.create_task(transport.call_replica(slot, read_only, deadline))
+        pending: set[asyncio.Task[Any]] = {primary, replica}
+        task: asyncio.Task[Any]
+        failures: list[str] = []
+        try:
+            while pending:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                done, pending = await asyncio.wait(
+                    pending, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    error = task.exception()
+                    if error is None:
+                        result = task.result()
+                        return result if task is primary else (result, False)
+                    failures.append(str(error))
+        finally:
+            for loose in (primary, replica):
+                if not loose.done():
+                    loose.cancel()
+                elif not loose.cancelled():
+                    loose.exception()  # retrieved
+        raise EngineUnavailable(
+            f"validate: neither the primary nor a replica answered: {'; '.join(failures)}"
+        )
 
     def _cache_store(
         self, derived: tuple[int, str, str, bytes], session: Session, reply: Any, ticket: Ticket
@@ -698,7 +787,12 @@ class SessionEngine:
             if not items:
                 continue
             direct = [True] * len(items) if cache is not None else None
-            replies = await transport.call_many(items, script=self._validate_script, direct=direct)
+            replies = await transport.call_many(
+                items,
+                script=self._validate_script,
+                direct=direct,
+                prefix=None if cache is None else CACHING_YES,
+            )
             failed = next((r for r in replies if isinstance(r, EngineUnavailable)), None)
             if failed is not None:
                 m.errors += 1
@@ -957,8 +1051,9 @@ class SessionEngine:
         do (the first may have done it), else the second try's result.
         """
         deadline = self._write_deadline()
-        try:
-            return await self._write(
+
+        def attempt() -> Awaitable[T]:
+            return self._write(
                 script,
                 tag,
                 keys,
@@ -968,19 +1063,13 @@ class SessionEngine:
                 deadline=deadline,
                 sessions=sessions,
             )
+
+        try:
+            return await attempt()
         except OutcomeUnknown:
             if self.transport.loop.time() >= deadline:
                 raise
-        again = await self._write(
-            script,
-            tag,
-            keys,
-            args,
-            convert,
-            operation=operation,
-            deadline=deadline,
-            sessions=sessions,
-        )
+        again = await attempt()
         return again if again else None
 
     async def revoke_session_id(self, user_id: str, session_id: str) -> bool:

@@ -237,6 +237,18 @@ class EngineSettings(BaseSettings):
     )
     wait_timeout: float = Field(default=0.5, ge=MIN_TIMEOUT, le=3600)
 
+    replica_fallback_after: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description=(
+            "Opt-in: when a primary has not answered a validate within this many seconds "
+            "(or cannot be reached), ask a replica of its slots (READONLY, read-only, no "
+            "refresh) instead of failing. Safe only with wait_replicas covering every "
+            "replica of a shard: see README 'Replica fallback'. None (default): off."
+        ),
+    )
+
     local_cache_size: int = Field(
         default=0,
         ge=0,

@@ -160,14 +160,16 @@ class EngineFigures:
         for bound, count in zip((*LATENCY_BUCKETS_MS, float("inf")), counts, strict=True):
             cumulative += count
             buckets.append((bound / 1000.0, cumulative))
-        snap = self._snapshot
+        # The local cache's counters, live (engines without one export none of them).
+        cache = engine._cache
+        live = cache.snapshot() if cache is not None else None
         local: dict[str, int] = {}
-        for name in _LOCAL_EVENTS:
-            value = _local(m, snap, f"local_{name}")
-            if value is not None:
-                local[name] = int(value)
-        entries = _local(m, snap, "local_entries")
-        drops = _local(m, snap, "local_drops") or {}
+        entries: int | None = None
+        drops: dict[str, int] = {}
+        if live is not None:
+            local = {name: int(live[f"local_{name}"]) for name in _LOCAL_EVENTS}
+            entries = int(live["local_entries"])
+            drops = dict(live["local_drops"])
         breaker: dict[str, int] = {}
         inflight: dict[str, int] = {}
         try:
@@ -198,17 +200,8 @@ class EngineFigures:
             local_drops={str(k): int(v) for k, v in dict(drops).items()},
             breaker_open=breaker,
             inflight=inflight,
-            cluster=snap,
+            cluster=self._snapshot,
         )
-
-
-def _local(metrics: object, snapshot: object, name: str) -> Any:
-    """A local-cache figure from the live counters if they have it, else the snapshot's
-    ``EngineStats`` (engines without a local cache have neither: ``None``)."""
-    value = getattr(metrics, name, None)
-    if value is None and snapshot is not None:
-        value = getattr(snapshot, name, None)
-    return value
 
 
 class PrometheusCollector:

@@ -20,6 +20,12 @@ origin check of cookie-authenticated POSTs (on by default here).
 Every engine error an endpoint lets through is answered by ``install_error_handlers``
 (422/413/409/401/503, never 500); no answer names a Redis node.
 
+The local cache (issue 12) is on: ``ENGINE_LOCAL_CACHE_SIZE`` defaults to
+``REFERENCE_LOCAL_CACHE_SIZE`` (100,000 sessions) here, against 0 (off) in the library;
+set it to ``0`` to run without. ``/metrics`` shows its counters
+(``session_local_cache_{hits,misses,invalidations}_total``, ``session_local_cache_entries``,
+``session_local_cache_drops_total{reason}``).
+
 Metrics are per process: with ``uvicorn --workers N`` each scrape reads one worker.
 """
 
@@ -51,12 +57,15 @@ from engine.fastapi import (
 )
 from engine.metrics import PrometheusCollector
 
-__all__ = ["app", "create_app"]
+__all__ = ["REFERENCE_LOCAL_CACHE_SIZE", "app", "create_app", "reference_settings"]
 
 log = logging.getLogger("loadtest.app")
 
 STATS_MAX_AGE = 1.0
 """Seconds a cluster snapshot is reused by /metrics (it costs INFO, DBSIZE and SCAN per node)."""
+
+REFERENCE_LOCAL_CACHE_SIZE = 100_000
+"""The local cache of the reference service, unless ``ENGINE_LOCAL_CACHE_SIZE`` is set."""
 
 Engine = Annotated[SessionEngine, Depends(get_engine)]
 
@@ -147,6 +156,14 @@ async def _open_engine(settings: EngineSettings, retry_for: float) -> SessionEng
         await asyncio.sleep(1.0)
 
 
+def reference_settings() -> EngineSettings:
+    """``EngineSettings()`` from ``ENGINE_*``, with the local cache on unless the
+    environment sizes it (``ENGINE_LOCAL_CACHE_SIZE=0`` turns it off)."""
+    if any(name.upper() == "ENGINE_LOCAL_CACHE_SIZE" for name in os.environ):
+        return EngineSettings()
+    return EngineSettings(local_cache_size=REFERENCE_LOCAL_CACHE_SIZE)
+
+
 def _lifespan(
     settings: EngineSettings | None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -154,7 +171,7 @@ def _lifespan(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = await _open_engine(settings or EngineSettings(), _startup_retry_seconds())
+        engine = await _open_engine(settings or reference_settings(), _startup_retry_seconds())
         async with engine_lifespan(engine=engine, freeze_gc=True)(app):
             yield
 
@@ -165,7 +182,8 @@ def create_app(settings: EngineSettings | None = None) -> FastAPI:
     """Build the service. No I/O: the engine connects when the app starts (lifespan).
 
     Args:
-        settings: Engine settings; ``EngineSettings()`` from ``ENGINE_*`` at startup if omitted.
+        settings: Engine settings; ``reference_settings()`` (``ENGINE_*``, the local cache
+            on) at startup if omitted.
     """
     registry = CollectorRegistry()
     histogram = Histogram(

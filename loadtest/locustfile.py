@@ -17,6 +17,14 @@ Locust process), enabled with an environment variable and selected by class name
     ENGINE_LOCUST_DIRECT=1 locust -f loadtest/locustfile.py --headless -u 200 -r 100 \\
         -t 30s --host redis://127.0.0.1:7000 EngineUser
 
+Both run with the engine's local cache: the reference service turns it on (see
+``loadtest/app.py``), and so does ``EngineUser`` (``ENGINE_LOCAL_CACHE_SIZE``, default
+100,000; ``0`` turns it off). The dead-token checks after rotate, logout and logout-all
+then also check read-your-writes: the probe follows the write on the same keep-alive
+connection, so the uvicorn worker that revoked the token is the one asked, and it must
+not answer from its cache. (Another worker may serve the old token for the time one
+invalidation message takes, never longer than ``local_cache_max_staleness``.)
+
 The HTTP scenarios need only Locust (the stock ``locustio/locust`` image runs this file);
 the engine is imported only by ``EngineUser``.
 
@@ -48,6 +56,7 @@ WAIT_MIN = float(os.environ.get("LOCUST_WAIT_MIN", "5.0"))
 WAIT_MAX = float(os.environ.get("LOCUST_WAIT_MAX", "20.0"))
 ENGINE_DIRECT = os.environ.get("ENGINE_LOCUST_DIRECT", "") not in ("", "0")
 ROOMS = ("general", "random", "support")
+LOCAL_CACHE_SIZE = 100_000  # EngineUser's local cache unless ENGINE_LOCAL_CACHE_SIZE is set
 
 
 def _garbage_token() -> str:
@@ -263,6 +272,8 @@ class EngineUser(User):
         fields: dict[str, Any] = {}
         if self.host and self.host.startswith(("redis://", "rediss://")):
             fields["url"] = self.host
+        if not any(name.upper() == "ENGINE_LOCAL_CACHE_SIZE" for name in os.environ):
+            fields["local_cache_size"] = LOCAL_CACHE_SIZE  # on, as in the reference service
         self.engine = _engine_thread.ensure(EngineSettings(**fields))
         self.user_id = f"user-{uuid.uuid4().hex}"
         self.token = self.op("create", lambda: self.engine.create(user_id=self.user_id)).token

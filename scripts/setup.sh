@@ -26,6 +26,14 @@ if ! command -v chromium >/dev/null; then
     echo "note: no chromium (sudo apt-get install chromium): the docs screenshot test skips" >&2
   fi
 fi
+# ip and nft: the cluster whose nodes are separate hosts (network namespaces, partitions).
+# Root only; elsewhere those tests skip and say why, so nothing to install there.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+    && { ! command -v ip >/dev/null || ! command -v nft >/dev/null; }; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq iproute2 nftables >/dev/null
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

@@ -94,7 +94,7 @@ def test_the_rule_is_least_privilege_and_keyed_to_the_prefix() -> None:
     events = permissions("app", ["events"])
     assert events.channels == ("__keyspace@0__:app:{*}:s:*",)  # literal, as PSUBSCRIBE needs
     with pytest.raises(ValueError, match="unknown feature"):
-        permissions("app", ["replica_fallback"])
+        permissions("app", ["replica-fallback"])
 
 
 def test_cli_prints_the_rule() -> None:
@@ -204,7 +204,7 @@ async def _first_failure(cl: LocalCluster, **fields: Any) -> BaseException:
         ("script|load", "SCRIPT LOAD"),  # at open()
         ("evalsha", "create"),  # the first call
         ("time", "create"),  # refused inside a script: named from the script's source
-        ("set", "create"),
+        ("append", "create"),
         ("rpush", "chat_append"),
         ("lrange", "chat_history"),
         ("info", "INFO"),  # stats()

@@ -1,6 +1,6 @@
 """``python -m engine bench --local-cache`` in a tiny mode: every figure present (no timings).
 
-The figures themselves are measured in bench.md ("Local cache"); here only that one run
+The figures themselves are measured in bench.md (section 10, "Local cache"); here only that one run
 produces all of them, that the cache actually answered the hit phase, that every worker saw
 every revocation, and that bad arguments are refused clearly.
 """

@@ -161,3 +161,26 @@ def test_drill_on_a_cluster_it_did_not_start(tmp_path) -> None:  # type: ignore[
         report = json.loads((tmp_path / "manual-failover-w0.json").read_text())
         assert report["failed_calls"] == 0 and report["calls"] > 2000
         assert all_keys(cl.url, "drill") == []  # the drill removed its own sessions
+
+
+def test_drill_json_on_stdout(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``--json`` alone: stdout is the reports as JSON, the human summary goes to stderr."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "engine", "drill", "script-flush", "--sessions", "300"),
+            *("--rate", "200", "--out", str(tmp_path), "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    reports = json.loads(proc.stdout)
+    assert [r["scenario"] for r in reports] == ["script-flush"]
+    assert reports[0]["calls"] > 0 and "resurrected" in reports[0]
+    assert "drill script-flush" in proc.stderr

@@ -47,9 +47,15 @@ def sent_commands(eng: SessionEngine) -> Iterator[list[tuple[str, bytes]]]:
         original = conn.send
         originals[conn] = original
 
-        def spy(packed: bytes, deadline: float, _o: Any = original, _n: str = node.name) -> Any:
+        def spy(
+            packed: bytes,
+            deadline: float,
+            prefix: bytes | None = None,
+            _o: Any = original,
+            _n: str = node.name,
+        ) -> Any:
             sent.append((_n, packed))
-            return _o(packed, deadline)
+            return _o(packed, deadline, prefix)
 
         conn.send = spy  # type: ignore[method-assign]
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_missing_peer_is_skipped_with_a_note(
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 def test_tiny_run_has_a_row_per_system(tmp_path: Path) -> None:
-    systems = ["engine"] + [
+    systems = ["engine", "engine-cached"] + [
         key
         for key, module in (("starsessions", "starsessions"), ("redis-sdk", "redis_fastapi"))
         if importlib.util.find_spec(module) is not None
@@ -96,6 +97,7 @@ def test_tiny_run_has_a_row_per_system(tmp_path: Path) -> None:
         ",".join(systems),
         "--json",
         str(out),
+        "--markdown",  # the tables as bench.md records them
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=220, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -111,9 +113,31 @@ def test_tiny_run_has_a_row_per_system(tmp_path: Path) -> None:
             assert row[f"{tag}_seq_mean_us"] > 0
             assert row[f"{tag}_non2xx"] == 0
         assert row["bare_redis_cmds_per_req"] < 0.1  # /bare touches no session
-        assert row["me_redis_cmds_per_req"] >= 0.9  # every /me asks Redis
+        if row["system"] == "engine-cached":
+            assert row["me_redis_cmds_per_req"] < 0.5  # answered by the local cache
+        else:
+            assert row["me_redis_cmds_per_req"] >= 0.9  # every /me asks Redis
         assert 0 < row["me_to_bare_rps"] < 2
     # one load and one sequential run per endpoint and system
     assert len(result["runs"]) == 4 * len(systems)
     assert result["machine"]["redis"]
     assert result["redis_rtt"]["mean_ms"] > 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_json_alone_goes_to_stdout_and_the_tables_to_stderr() -> None:
+    cmd = [sys.executable, "-m", "engine", "bench", "--http", "--systems", "engine"]
+    cmd += ["--seconds", "1", "--seq-seconds", "1", "--warmup", "1", "--rounds", "1"]
+    cmd += ["--connections", "2", "--replicas", "0", "--primaries", "1", "--json"]
+    env = {k: v for k, v in os.environ.items() if k != "FORCE_COLOR"}
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False, env=env
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)  # nothing but the JSON on stdout
+    assert [row["system"] for row in result["summary"]] == ["engine"]
+    assert result["summary"][0]["me_rps"] > 0
+    # The report, in plain text: a rich table's header, no Markdown, no escape codes.
+    assert "/me against /bare" in proc.stderr and "| /me |" not in proc.stderr
+    assert "\x1b" not in proc.stderr

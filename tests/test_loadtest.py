@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -11,9 +14,10 @@ from helpers import all_keys, delete_prefix
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import EngineSettings
+from engine._local_cache import DROP_REASONS
 from engine.cli import loadtest as _loadtest
 from engine.testing import LocalCluster
-from loadtest.app import create_app
+from loadtest.app import REFERENCE_LOCAL_CACHE_SIZE, create_app, reference_settings
 
 pytestmark = pytest.mark.cluster
 
@@ -42,6 +46,8 @@ def test_short_locust_run_has_no_failures(
         "--wait",  # short think time: enough requests in a short run
         "1",
         "3",
+        "--json",
+        str(tmp_path / "loadtest.json"),
     ]
     try:
         code = _loadtest.main(argv)
@@ -59,13 +65,19 @@ def test_short_locust_run_has_no_failures(
     assert rows["/me"].requests >= 3 * USERS, out
     assert rows["/me (invalid token)"].requests > 0, out
     assert total.requests >= 1000, out
+    # The service ran with the local cache, and its counters reached /metrics.
+    assert "local cache 100,000" in out, out
+    assert re.search(r"local cache \(one worker's /metrics\): hit rate [\d.]+% \([\d,]+ hits", out)
     assert (tmp_path / "locust.html").is_file()
+    figures = json.loads((tmp_path / "loadtest.json").read_text())
+    by_name = {e["name"]: e for e in figures["endpoints"]}
+    assert by_name["Aggregated"]["requests"] == total.requests and figures["failures"] == []
     assert left == []
 
 
 async def test_reference_service_endpoints(cluster_url: str, prefix: str) -> None:
     """The reference service in-process (no uvicorn): every endpoint once, and /metrics."""
-    app = create_app(EngineSettings(url=cluster_url, key_prefix=prefix))
+    app = create_app(EngineSettings(url=cluster_url, key_prefix=prefix, local_cache_size=1000))
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
@@ -102,8 +114,56 @@ async def test_reference_service_endpoints(cluster_url: str, prefix: str) -> Non
                 assert families["session_validate_duration_seconds"].type == "histogram"
                 assert "session_validate_latency_ms" not in families
                 assert families["session_engine_node_breaker_open"].samples
+                await assert_local_cache_metrics(c)
     finally:
         delete_prefix(cluster_url, prefix)
+
+
+async def assert_local_cache_metrics(c: httpx.AsyncClient) -> None:
+    """Validations of one token until the local cache answers them; then /metrics shows
+    every local-cache series: hits, misses, invalidations, entries and drops by reason
+    (from the engine's stats snapshot, at most ``STATS_MAX_AGE`` old)."""
+
+    async def scrape() -> dict[str, Any]:
+        page = (await c.get("/metrics")).text
+        return {f.name: f for f in text_string_to_metric_families(page)}
+
+    def value(families: dict[str, Any], name: str) -> float:
+        return float(families[name].samples[0].value)
+
+    hits_before = value(await scrape(), "session_local_cache_hits")
+    token = (await c.post("/login", json={"user_id": "cached"})).json()["token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    for _ in range(60):  # tracking is set up in the background after the first connect
+        assert (await c.get("/me", headers=auth)).status_code == 200
+        families = await scrape()
+        if (
+            value(families, "session_local_cache_hits") > hits_before
+            and value(families, "session_local_cache_entries") >= 1
+        ):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("/metrics never showed a local-cache hit and entry")
+    assert families["session_local_cache_hits"].type == "counter"
+    assert value(families, "session_local_cache_misses") > 0
+    assert families["session_local_cache_invalidations"].type == "counter"
+    assert (await c.post("/logout", headers=auth)).json() == {"revoked": True}
+    assert (await c.get("/me", headers=auth)).status_code == 401  # never from the cache
+    families = await scrape()
+    drops = {s.labels["reason"]: s.value for s in families["session_local_cache_drops"].samples}
+    assert set(DROP_REASONS) <= set(drops) and drops["write"] >= 1, drops
+
+
+def test_the_reference_service_turns_the_local_cache_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ENGINE_LOCAL_CACHE_SIZE", raising=False)
+    assert reference_settings().local_cache_size == REFERENCE_LOCAL_CACHE_SIZE > 0
+    monkeypatch.setenv("ENGINE_LOCAL_CACHE_SIZE", "0")
+    assert reference_settings().local_cache_size == 0
+    assert _loadtest.local_cache_size(None) == 0
+    assert _loadtest.local_cache_size(7) == 7
+    monkeypatch.delenv("ENGINE_LOCAL_CACHE_SIZE")
+    assert _loadtest.local_cache_size(None) == _loadtest.DEFAULT_LOCAL_CACHE_SIZE
 
 
 async def test_reference_service_fails_closed() -> None:

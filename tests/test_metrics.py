@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine import SessionEngine
+from engine import EngineSettings, SessionEngine
 from engine._metrics import LATENCY_BUCKETS_MS, Metrics
 from engine.metrics import EngineFigures, PrometheusCollector, instrument_otel
 
@@ -147,31 +146,39 @@ async def test_a_scrape_from_another_thread_does_not_block_and_fills_in(
 
 
 async def test_local_cache_figures_export_when_the_engine_has_them(
-    session_engine: SessionEngine,
+    redis_cluster: Any,
 ) -> None:
-    collector = PrometheusCollector(session_engine)
-    collector.figures._snapshot = cast(
-        Any,
-        SimpleNamespace(
-            local_hits=7,
-            local_misses=3,
-            local_invalidations=2,
-            local_entries=11,
-            local_drops={"stale": 1, "full": 4},
-            active_sessions=0,
-            used_memory_bytes={},
-            primaries=3,
-        ),
-    )
-    collector.figures._at = float("inf")  # fresh for ever: no refresh replaces it
-    registry = CollectorRegistry()
-    registry.register(collector)
-    families = _scrape(registry)
-    assert families["session_local_cache_hits"].samples[0].value == 7
-    assert families["session_local_cache_invalidations"].samples[0].value == 2
-    assert families["session_local_cache_entries"].samples[0].value == 11
-    drops = {s.labels["reason"]: s.value for s in families["session_local_cache_drops"].samples}
-    assert drops == {"stale": 1, "full": 4}
+    """A real engine with the local cache: hits, misses, invalidations, entries and drops
+    by reason appear, read live from the cache."""
+    settings = EngineSettings(url=redis_cluster.url, key_prefix="mlc", local_cache_size=100)
+    async with SessionEngine(settings) as eng:
+        try:
+            new = await eng.create(user_id="u1")
+            cache = eng._cache
+            assert cache is not None
+            for _ in range(300):  # until tracking is set up and a hit comes
+                await eng.validate(new.token)
+                if cache.hits:
+                    break
+                await asyncio.sleep(0.02)
+            await eng.revoke(new.token)  # a drop ("write"), then an invalidation
+            for _ in range(100):
+                if cache.invalidations:
+                    break
+                await asyncio.sleep(0.01)
+            registry = CollectorRegistry()
+            registry.register(PrometheusCollector(eng))
+            families = _scrape(registry)
+            assert families["session_local_cache_hits"].samples[0].value == cache.hits > 0
+            assert families["session_local_cache_misses"].samples[0].value >= 1
+            assert families["session_local_cache_invalidations"].samples[0].value >= 1
+            assert families["session_local_cache_entries"].samples[0].value == 0
+            drops = {
+                s.labels["reason"]: s.value for s in families["session_local_cache_drops"].samples
+            }
+            assert drops["write"] >= 1 and set(drops) >= {"invalidated", "silent", "moved"}
+        finally:
+            await eng.revoke_user("u1")
 
 
 async def test_without_a_local_cache_no_local_cache_series(session_engine: SessionEngine) -> None:

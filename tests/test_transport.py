@@ -516,8 +516,8 @@ def peak_inflight(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
     peaks: dict[int, int] = {}
     original = Connection.send
 
-    def send(self: Connection, packed: bytes, deadline: float) -> Any:
-        fut = original(self, packed, deadline)
+    def send(self: Connection, packed: bytes, deadline: float, prefix: bytes | None = None) -> Any:
+        fut = original(self, packed, deadline, prefix)
         key = id(self)
         peaks[key] = max(peaks.get(key, 0), len(self.pending))
         return fut

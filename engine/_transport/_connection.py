@@ -90,6 +90,7 @@ class Connection(asyncio.Protocol):
         self.min_deadline = float("inf")  # lower bound of pending deadlines (may be stale-low)
         self.replied = False  # a reply arrived since the watchdog last looked
         self.alive = False
+        self.readonly = False  # READONLY sent (replica fallback reads)
         self._transport: asyncio.Transport | None = None
         self._reader = hiredis.Reader(replyError=ReplyError)
         self._wbuf: list[bytes] = []
@@ -142,16 +143,22 @@ class Connection(asyncio.Protocol):
 
     # -- sending ----------------------------------------------------------------------
 
-    def send(self, packed: bytes, deadline: float) -> asyncio.Future[Any]:
+    def send(
+        self, packed: bytes, deadline: float, prefix: bytes | None = None
+    ) -> asyncio.Future[Any]:
         """Queue one command; the returned future gets the reply (errors as values).
 
         On an idle connection (nothing in flight, nothing queued) the command is written
         at once: a lone request waits for nothing but the network. Otherwise it joins the
-        loop tick's single write (implicit pipelining).
+        loop tick's single write (implicit pipelining). ``prefix``: a command written just
+        before it, whose reply is dropped (``CLIENT CACHING YES`` for the local cache).
         """
         fut: asyncio.Future[Any] = self.loop.create_future()
         pending = self.pending
         idle = not pending and not self._wbuf
+        if prefix is not None:
+            pending.append((None, deadline))
+            packed = prefix + packed
         pending.append((fut, deadline))
         if deadline < self.min_deadline:  # noqa: PLR1730 - cheaper than min() per command
             self.min_deadline = deadline
@@ -165,9 +172,15 @@ class Connection(asyncio.Protocol):
             self.loop.call_soon(self._flush)
         return fut
 
-    def send_to(self, sink: Sink, packed: bytes, deadline: float) -> None:
-        """Queue one command of a bulk round; its reply goes to ``sink``."""
+    def send_to(
+        self, sink: Sink, packed: bytes, deadline: float, prefix: bytes | None = None
+    ) -> None:
+        """Queue one command of a bulk round; its reply goes to ``sink`` (``prefix`` as
+        for ``send``)."""
         # Inlined _queue: called once per token of a validate_many.
+        if prefix is not None:
+            self.pending.append((None, deadline))
+            packed = prefix + packed
         self.pending.append((sink, deadline))
         if deadline < self.min_deadline:  # noqa: PLR1730
             self.min_deadline = deadline

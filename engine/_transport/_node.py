@@ -94,6 +94,7 @@ class Node:
         task = self.durable_connecting if durable else self.connecting
         if task is None:
             task = loop.create_task(self._connect(durable))
+            task.add_done_callback(_retrieve_failure)
             if durable:
                 self.durable_connecting = task
             else:
@@ -183,3 +184,11 @@ class Node:
         for conn in self.connections():
             conn.abort(CallFailed("transport closed"))
         self.conn = self.durable_conn = None
+
+
+def _retrieve_failure(task: asyncio.Task[Connection]) -> None:
+    # A connect can outlive every caller: a dropped SYN (a partition) takes connect_timeout,
+    # longer than a call's deadline. Its failure is already counted by the breaker; retrieve
+    # it so asyncio does not log "Task exception was never retrieved" for every probe.
+    if not task.cancelled():
+        task.exception()

@@ -123,6 +123,7 @@ class Transport:
         self._state = State.NEW
         self._nodes: dict[tuple[str, int], Node] = {}
         self._slot_nodes: list[Node] = []
+        self._replicas: dict[Node, list[Node]] = {}
         self._refresh_task: asyncio.Task[None] | None = None
         self._last_refresh = 0.0
         self._moved_times: deque[float] = deque(maxlen=_MOVED_BURST)
@@ -270,6 +271,7 @@ class Transport:
         if not isinstance(reply, list) or not reply:
             return False
         table = list(self._slot_nodes) if self._slot_nodes else [asked] * SLOTS
+        replicas: dict[Node, list[Node]] = {}
         for entry in reply:
             start, end, primary = int(entry[0]), int(entry[1]), entry[2]
             host = primary[0].decode() if primary[0] else asked.host
@@ -277,8 +279,57 @@ class Transport:
                 continue
             node = self._node(host, int(primary[1]))
             table[start : end + 1] = [node] * (end - start + 1)
+            replicas[node] = [
+                self._node(r[0].decode() if r[0] else asked.host, int(r[1]))
+                for r in entry[3:]
+                if r[0] != b"?"
+            ]
         self._slot_nodes = table
+        self._replicas = replicas
         return True
+
+    def replicas_of(self, slot: int) -> list[Node]:
+        """The replicas of the primary that serves ``slot``, as the last slot map said."""
+        return self._replicas.get(self._slot_nodes[slot], [])
+
+    async def call_replica(self, slot: int, packed: bytes, deadline: float) -> Reply:
+        """A read-only command on a replica of ``slot``'s primary (replica fallback reads).
+
+        The connection is switched to READONLY once (harmless should the node be promoted
+        later: it only matters on a replica). Replicas are tried in turn until one answers
+        with something other than an error; the command must be read-only (EVAL_RO).
+
+        Raises:
+            EngineUnavailable: no replica answered before the deadline.
+        """
+        failures: list[str] = []
+        replicas = self.replicas_of(slot)
+        if not replicas:
+            # None known (a slot map taken before the replicas attached): ask once.
+            self.request_refresh()
+            task = self._refresh_task
+            if task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(task), deadline - self.loop.time())
+            replicas = self.replicas_of(slot)
+        for node in replicas:
+            if node.breaker_open(self.loop.time()):
+                failures.append(f"{node.name}: circuit open")
+                continue
+            try:
+                conn = await node.connection(deadline)
+                if not conn.readonly:
+                    conn.readonly = True
+                    conn.send_discard(_READONLY, deadline)
+                reply: Reply = await conn.send(packed, deadline)
+            except (EngineUnavailable, CallFailed) as exc:
+                failures.append(f"{node.name}: {exc}")
+                continue
+            if type(reply) is ReplyError:  # MOVED (READONLY refused?), LOADING, ...
+                failures.append(f"{node.name}: {reply}")
+                continue
+            return reply
+        raise EngineUnavailable(f"no replica of slot {slot} answered: {'; '.join(failures)}")
 
     def request_refresh(self) -> None:
         """Refresh the slot map soon, once: concurrent requests share one refresh."""
@@ -366,7 +417,9 @@ class Transport:
     def deadline(self, timeout: float | None = None) -> float:
         return self.loop.time() + (self.options.command_timeout if timeout is None else timeout)
 
-    def try_send(self, slot: int, packed: bytes, deadline: float) -> asyncio.Future[Any] | None:
+    def try_send(
+        self, slot: int, packed: bytes, deadline: float, prefix: bytes | None = None
+    ) -> asyncio.Future[Any] | None:
         """The hot path's fast lane: queue ``packed`` on the slot's node if it has a live
         connection with room, and return the reply's future; ``None`` if anything needs
         ``call``'s slow path (connecting, back-pressure, a closed transport).
@@ -379,7 +432,7 @@ class Transport:
         conn = self._slot_nodes[slot].conn
         if conn is None or not conn.alive or conn.full or self._state is not State.OPEN:
             return None
-        return conn.send(packed, deadline)
+        return conn.send(packed, deadline, prefix)
 
     async def call(
         self,
@@ -447,11 +500,19 @@ class Transport:
                 await self._sleep_before_retry(attempt, deadline, reply)
                 continue
             if then_fut is not None and type(reply) is not ReplyError:
-                # The command ran; what is left to learn is whether replicas have it.
-                try:
-                    then_reply = await then_fut
-                except CallFailed as exc:
-                    then_reply = exc
+                # The command ran; what is left to learn is whether replicas have it, by
+                # this call's deadline: a reply that came late (after retries) would
+                # otherwise wait a whole wait_timeout more, and the shared WAIT's own
+                # deadline is its group's latest.
+                if not then_fut.done():
+                    await asyncio.wait((then_fut,), timeout=max(0.0, deadline - loop.time()))
+                if not then_fut.done():
+                    then_reply = CallFailed.timeout("WAIT not answered by the call's deadline")
+                else:
+                    try:
+                        then_reply = then_fut.result()
+                    except CallFailed as exc:
+                        then_reply = exc
             if type(reply) is not ReplyError:
                 return reply if then_fut is None else (reply, then_reply)
             message = str(reply)
@@ -538,6 +599,7 @@ class Transport:
         script: Script | None = None,
         deadline: float | None = None,
         direct: list[bool] | None = None,
+        prefix: bytes | None = None,
     ) -> list[Any]:
         """Send many idempotent commands at once; replies in input order.
 
@@ -549,14 +611,15 @@ class Transport:
         raises for a single item: a failed item's place holds an ``EngineUnavailable``.
         ``direct``, if given (one ``True`` per item), gets ``False`` for the items retried
         through ``call``, whose reply may come from another node than the slot's at the
-        start (the local cache stores only direct replies).
+        start (the local cache stores only direct replies). ``prefix``: a command written
+        before each item of the first round, its reply dropped (``CLIENT CACHING YES``).
         """
         if self._state is not State.OPEN:
             raise EngineUnavailable("the transport is not open")
         loop = self.loop
         if deadline is None:
             deadline = loop.time() + self.options.command_timeout
-        results = await self._send_bulk(items, deadline)
+        results = await self._send_bulk(items, deadline, prefix)
         if script is not None and any(_is_noscript(r) for r in results):
             # Scripts were flushed: load them once, then resend those items in bulk, rather
             # than EVAL (the whole source) per item.
@@ -585,7 +648,9 @@ class Transport:
             await asyncio.gather(*(again(i) for i in retry))
         return results
 
-    async def _send_bulk(self, items: Sequence[tuple[int, bytes]], deadline: float) -> list[Any]:
+    async def _send_bulk(
+        self, items: Sequence[tuple[int, bytes]], deadline: float, prefix: bytes | None = None
+    ) -> list[Any]:
         """One pipelined round: every item to its slot's node, replies (or errors) in order."""
         results: list[Any] = [None] * len(items)
         groups: dict[Node, list[int]] = {}
@@ -619,7 +684,7 @@ class Transport:
                 if not conn.alive:
                     break
                 for i in indices[start : start + _BULK_CHUNK]:
-                    send_to(sink, items[i][1], deadline)
+                    send_to(sink, items[i][1], deadline, prefix)
                     sent += 1
             if sent < len(indices):
                 sink.sent(sent)
@@ -686,6 +751,7 @@ class Transport:
 
 
 _ASKING: Final = pack(("ASKING",))
+_READONLY: Final = pack(("READONLY",))
 _RETRYABLE_KINDS: Final = frozenset(("MOVED", "ASK", "NOSCRIPT", *_RETRY_LATER))
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 from .._acl import DEFAULT_FEATURES, FEATURES, format_acl_setuser, permissions
+from .console import print_table
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="; ".join(f"{f.name}: {f.description}" for f in FEATURES.values()),
     )
     parser.add_argument(
-        "--explain", action="store_true", help="also list the permissions, one per line"
+        "--explain", action="store_true", help="also show what the rule grants (a table, on stderr)"
     )
 
 
@@ -38,10 +40,18 @@ def execute(args: argparse.Namespace) -> int:
         return 2
     print(rule)
     if args.explain:
+        # On stderr, like the note below: stdout stays the rule alone, ready to paste.
         perms = permissions(args.prefix, args.features)
-        print(f"# keys: {' '.join(perms.key_patterns)}", file=sys.stderr)
-        print(f"# channels: {' '.join(perms.channels) or '(none)'}", file=sys.stderr)
-        print(f"# commands: {' '.join(perms.commands)}", file=sys.stderr)
+        print_table(
+            f"what the rule grants (features: {', '.join(args.features)})",
+            ("GRANT", "VALUES"),
+            [
+                ("keys", " ".join(perms.key_patterns)),
+                ("channels", " ".join(perms.channels) or "(none)"),
+                ("commands", textwrap.fill(" ".join(perms.commands), 72)),
+            ],
+            file=sys.stderr,
+        )
     print(
         "# Run it on EVERY node (ACL users are per node), replace <password>; "
         "see README 'Security'.",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -29,8 +28,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from typing import IO, Any, Final
 
 from .._engine import SessionEngine
 from .._errors import EngineError
@@ -39,7 +37,16 @@ from .._run import run
 from .._scripts import scripts
 from .._settings import EngineSettings
 from .._tokens import parse_token
-from .console import Progress
+from .console import (
+    Progress,
+    add_json_option,
+    add_markdown_option,
+    markdown_table,
+    print_table,
+    report_stream,
+    right,
+    write_json,
+)
 from .console import percentile_ms as _pct
 
 __all__ = ["main"]
@@ -397,29 +404,62 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+def _fmt(v: float | None, spec: str) -> str | None:
+    return None if v is None else format(v, spec)
+
+
+COLUMNS: Final = (
+    "what",
+    right("ops/s"),
+    right("x redis-py EVALSHA"),
+    right("p50 ms"),
+    right("p99 ms"),
+    right("p99.9 ms"),
+    right("CPU us/op"),
+    "note",
+)
+
+
+def table_rows(result: dict[str, Any]) -> list[list[str | None]]:
+    """One row per measurement, formatted, in ``COLUMNS`` order."""
+    return [
+        [
+            r["name"],
+            _fmt(r["ops_per_s"], ",.0f"),
+            _fmt(r["ratio"], ".2f"),
+            _fmt(r["p50_ms"], ".2f"),
+            _fmt(r["p99_ms"], ".2f"),
+            _fmt(r["p999_ms"], ".2f"),
+            _fmt(r["cpu_us_per_op"], ".1f"),
+            r["note"],
+        ]
+        for r in result["rows"]
+    ]
+
+
+def _machine_note(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    return (
+        f"Machine: {m['cores']} cores, {m['cpu']}, Python {m['python']}, Redis {m['redis']}, "
+        f"{m['loop']}."
+    )
 
 
 def render(result: dict[str, Any]) -> str:
     """The result as a Markdown table (what bench.md records)."""
-    lines = [
-        "| what | ops/s | x redis-py EVALSHA | p50 ms | p99 ms | p99.9 ms | CPU us/op | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['name']} | {_fmt(r['ops_per_s'], ',.0f')} | {_fmt(r['ratio'], '.2f')} | "
-            f"{_fmt(r['p50_ms'], '.2f')} | {_fmt(r['p99_ms'], '.2f')} | "
-            f"{_fmt(r['p999_ms'], '.2f')} | {_fmt(r['cpu_us_per_op'], '.1f')} | {r['note']} |"
-        )
-    m = result["machine"]
-    lines.append("")
-    lines.append(
-        f"Machine: {m['cores']} cores, {m['cpu']}, Python {m['python']}, Redis {m['redis']}, "
-        f"{m['loop']}."
+    return markdown_table(COLUMNS, table_rows(result)) + "\n\n" + _machine_note(result)
+
+
+def report(result: dict[str, Any], *, markdown: bool = False, file: IO[str] | None = None) -> None:
+    """The table (rich, or Markdown for bench.md) and the machine it ran on."""
+    print_table(
+        "python -m engine bench",
+        COLUMNS,
+        table_rows(result),
+        notes=[_machine_note(result)],
+        markdown=markdown,
+        file=file,
     )
-    return "\n".join(lines)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -449,7 +489,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-requests", type=int, default=300_000)
     parser.add_argument("--primaries", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--json", type=Path, help="write the results here")
+    add_json_option(parser)
+    add_markdown_option(parser)
+    parser.add_argument(
+        "--network",
+        action="store_true",
+        help="validate over loopback and over network namespaces (veth + bridge) in one "
+        "run (Linux, root; see engine/cli/netbench.py)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="--network: alternating rounds per measurement"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -460,7 +510,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def execute(args: argparse.Namespace) -> int:
-    """Run the benchmark; prints the table, writes JSON with ``--json``."""
+    """Run the benchmark; prints the table, the JSON with ``--json``."""
+    if args.network:
+        from .netbench import bench_networks, report_networks  # noqa: PLC0415
+
+        result = bench_networks(args)
+        result["command"] = "python -m engine " + " ".join(args.argv)
+        report_networks(result, markdown=args.markdown, file=report_stream(args))
+        write_json(args.json, result)
+        return 0
     if args.url:
         result = run(_bench(args, args.url))
     else:
@@ -470,7 +528,6 @@ def execute(args: argparse.Namespace) -> int:
         with LocalCluster(primaries=args.primaries, replicas_per_primary=args.replicas) as cl:
             result = run(_bench(args, cl.url))
     result["command"] = "python -m engine " + " ".join(args.argv)
-    print(render(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    report(result, markdown=args.markdown, file=report_stream(args))
+    write_json(args.json, result)
     return 0

@@ -7,7 +7,9 @@ import contextlib
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import IO, Any, Final
 
 import redis
 
@@ -20,6 +22,7 @@ from ..testing import (
 )
 from ..testing._cluster import _ping
 from ..testing._topology import _parse_info
+from .console import add_json_option, print_table, report_stream, right, write_json
 
 __all__ = ["main"]
 
@@ -28,23 +31,30 @@ def _format_ranges(ranges: Sequence[tuple[int, int]]) -> str:
     return ",".join(f"{lo}-{hi}" if hi != lo else str(lo) for lo, hi in ranges) or "-"
 
 
-def _format_table(nodes: Sequence[ClusterNode]) -> str:
-    header = ("ROLE", "PORT", "PID", "ALIVE", "SLOTS", "NODE ID")
-    rows = [header] + [
-        (
+NODE_COLUMNS: Final = ("ROLE", right("PORT"), right("PID"), "ALIVE", "SLOTS", "NODE ID")
+
+
+def _node_rows(nodes: Sequence[ClusterNode]) -> list[list[str | None]]:
+    return [
+        [
             n.role + (" (paused)" if n.paused else ""),
             str(n.port),
-            str(n.pid),
+            None if n.pid is None else str(n.pid),
             "yes" if n.alive else "no",
             _format_ranges(n.slots),
-            n.node_id or "-",
-        )
+            n.node_id,
+        ]
         for n in nodes
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
+
+
+def _print_nodes(nodes: Sequence[ClusterNode], notes: Sequence[str], file: IO[str]) -> None:
+    print_table(None, NODE_COLUMNS, _node_rows(nodes), notes=notes, file=file)
+
+
+def _node_json(node: ClusterNode) -> dict[str, Any]:
+    """A node for ``--json``: its snapshot, slot ranges as ``[lo, hi]`` pairs."""
+    return {**asdict(node), "slots": [list(r) for r in node.slots]}
 
 
 def _cluster_state(cl: LocalCluster) -> str:
@@ -87,6 +97,7 @@ def _cli_up(args: argparse.Namespace) -> int:
         startup_timeout=args.timeout,
         die_with_parent=False,
         tls=args.tls,
+        netns=args.netns,
     )
     started = time.monotonic()
     try:
@@ -100,13 +111,33 @@ def _cli_up(args: argparse.Namespace) -> int:
         cl.stop()
         raise
     cl.detach()
-    print(cl.url)
+    took = time.monotonic() - started
+    nodes = cl.nodes
+    out = report_stream(args)
+    # The URL first, alone on its line: scripts read it with `head -1`.
+    print(cl.url, file=out)
     if cl.ca_file is not None:
-        print(f"CA to trust: {cl.ca_file} (ENGINE_TLS_CA_FILE)")
-    print(_format_table(cl.nodes))
-    print(
-        f"cluster healthy in {time.monotonic() - started:.1f}s; "
-        f"state: {state_file}; node dirs: {cl.base_dir}"
+        print(f"CA to trust: {cl.ca_file} (ENGINE_TLS_CA_FILE)", file=out)
+    notes = []
+    if cl.client_address is not None:
+        notes.append(
+            "nodes in network namespaces: "
+            + ", ".join(f"{n.host}:{n.port}" for n in nodes)
+            + f"; this host is {cl.client_address} on their bridge"
+        )
+    notes.append(f"cluster healthy in {took:.1f}s; state: {state_file}; node dirs: {cl.base_dir}")
+    _print_nodes(nodes, notes, out)
+    write_json(
+        args.json,
+        {
+            "url": cl.url,
+            "ca_file": None if cl.ca_file is None else str(cl.ca_file),
+            "client_address": cl.client_address,
+            "state_file": str(state_file),
+            "base_dir": str(cl.base_dir),
+            "startup_seconds": round(took, 3),
+            "nodes": [_node_json(n) for n in nodes],
+        },
     )
     return 0
 
@@ -123,7 +154,8 @@ def _recorded(state_file: Path) -> LocalCluster | int:
 def _cli_down(args: argparse.Namespace) -> int:
     state_file: Path = args.state_file
     if not state_file.exists():
-        print(f"no cluster to stop (no state file at {state_file})")
+        print(f"no cluster to stop (no state file at {state_file})", file=report_stream(args))
+        write_json(args.json, {"stopped": 0, "state_file": None})
         return 0
     cl = _recorded(state_file)
     if isinstance(cl, int):
@@ -134,24 +166,36 @@ def _cli_down(args: argparse.Namespace) -> int:
     if state_file == DEFAULT_STATE_FILE:
         with contextlib.suppress(OSError):
             state_file.parent.rmdir()  # the .engine-cluster/ that `up` created, if now empty
-    print(f"stopped {running} node(s); removed {state_file}")
+    print(f"stopped {running} node(s); removed {state_file}", file=report_stream(args))
+    write_json(args.json, {"stopped": running, "state_file": str(state_file)})
     return 0
 
 
 def _cli_status(args: argparse.Namespace) -> int:
     state_file: Path = args.state_file
     if not state_file.exists():
-        print(f"no cluster (no state file at {state_file})")
+        print(f"no cluster (no state file at {state_file})", file=report_stream(args))
+        write_json(args.json, {"url": None, "cluster_state": "none", "healthy": False, "nodes": []})
         return 1
     cl = _recorded(state_file)
     if isinstance(cl, int):
         return cl
     nodes = cl.nodes
     state = _cluster_state(cl)
-    print(cl.url)
-    print(_format_table(nodes))
-    print(f"cluster_state: {state}")
-    return 0 if state.startswith("ok") and all(n.alive for n in nodes) else 1
+    healthy = state.startswith("ok") and all(n.alive for n in nodes)
+    out = report_stream(args)
+    print(cl.url, file=out)
+    _print_nodes(nodes, [f"cluster_state: {state}"], out)
+    write_json(
+        args.json,
+        {
+            "url": cl.url,
+            "cluster_state": state,
+            "healthy": healthy,
+            "nodes": [_node_json(n) for n in nodes],
+        },
+    )
+    return 0 if healthy else 1
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -171,6 +215,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="TLS on every link (no plaintext port); prints the CA file to trust",
     )
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="each node in its own network namespace on 10.213.0.0/24 (Linux, root)",
+    )
+    add_json_option(parser, "the cluster's URL and nodes (down: how many stopped)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

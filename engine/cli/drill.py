@@ -35,7 +35,8 @@ from .._run import run
 from .._settings import EngineSettings
 from .._tokens import parse_token
 from ..testing import ClusterNode, LocalCluster, RemoteCluster
-from .console import Progress, percentile_ms
+from ..testing._netns import Partitions, netns_unavailable
+from .console import Progress, add_json_option, percentile_ms, report_stream, write_json
 
 Cluster = LocalCluster | RemoteCluster
 
@@ -52,6 +53,7 @@ class Bucket:
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     victim_errors: int = 0
+    victim_read_errors: int = 0  # failed validations on the faulted shard
     other_errors: int = 0
     p99_ms: float | None = None
     latencies: list[float] = field(default_factory=list, repr=False)  # healthy shards' calls
@@ -72,11 +74,18 @@ class DrillReport:
     failed_victim: int = 0
     failed_other: int = 0
     errors_by_type: dict[str, int] = field(default_factory=dict)
+    other_errors_by_type: dict[str, int] = field(default_factory=dict)  # off the faulted shard
     first_error_s: float | None = None
     last_error_s: float | None = None
     error_window_s: float = 0.0
+    failed_victim_validations: int = 0
+    validate_error_window_s: float = 0.0  # first to last failed validation on the shard
+    replica_fallback_after: float | None = None
     recovered_s: float | None = None
     promoted_s: float | None = None
+    healed_s: float | None = None  # partition drills: when the network was healed
+    slowest_failure_s: float = 0.0  # the longest any failed call took to fail
+    slowest_failure: str = ""  # which call that was, and its error
     acked_creates: int = 0
     lost_creates: int = 0
     acked_revokes: int = 0
@@ -97,11 +106,22 @@ class DrillReport:
                 f"drill {self.scenario} (wait_replicas={self.wait_replicas}, "
                 f"{self.sessions:,} sessions, {self.rate:,.0f} ops/s offered)",
                 f"  calls {self.calls:,}, failed {self.failed_calls:,} "
-                f"(faulted shard {self.failed_victim:,}, other shards {self.failed_other:,})",
-                f"  errors by type: {self.errors_by_type or '{}'}",
+                f"(faulted shard {self.failed_victim:,}, other shards {self.failed_other:,}"
+                + (f": {self.other_errors_by_type}" if self.other_errors_by_type else "")
+                + ")",
+                f"  errors by type: {self.errors_by_type or '{}'}; the slowest failure took "
+                f"{self.slowest_failure_s:.2f}s ({self.slowest_failure or '-'})",
                 f"  first error {s(self.first_error_s)} after the fault, "
                 f"error window {self.error_window_s:.2f}s, recovered {s(self.recovered_s)}"
-                + (f" (cluster promoted at {s(self.promoted_s)})" if self.promoted_s else ""),
+                + (f" (cluster promoted at {s(self.promoted_s)})" if self.promoted_s else "")
+                + (f" (network healed at {s(self.healed_s)})" if self.healed_s else ""),
+                f"  validations failed on the faulted shard: {self.failed_victim_validations:,}"
+                f" in a window of {self.validate_error_window_s:.2f}s"
+                + (
+                    f" (replica fallback after {self.replica_fallback_after:g}s)"
+                    if self.replica_fallback_after
+                    else ""
+                ),
                 f"  acknowledged creates lost: {self.lost_creates} of {self.acked_creates:,}; "
                 f"acknowledged revokes that validated again: {self.resurrected} "
                 f"of {self.acked_revokes:,}",
@@ -135,6 +155,9 @@ class _Load:
         self.rnd = random.Random(7)
         self.resurrected: set[str] = set()
         self.unconfirmed_revokes: set[str] = set()
+        self.slowest_failure = 0.0
+        self.slowest_failure_what = ""
+        self.other_errors_by_type: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -156,7 +179,9 @@ class _Load:
         victim = self.is_victim(token)
         start = time.monotonic()
         error: str | None = None
+        failure: EngineError | None = None
         read = True
+        op = "validate"
         try:
             if roll < 0.05 and self.revoked:
                 # Revoked tokens must stay dead, whatever happens to the cluster.
@@ -168,6 +193,7 @@ class _Load:
                 await self.eng.validate(token)
             elif roll < 0.93:
                 read = False
+                op = "create"
                 user = f"drill-{rnd.randrange(5000)}"
                 victim = slot_of_tag(self.eng.keys.user_tag(user)) in self.victim_slots
                 new = await self.eng.create(user_id=user, data={"d": 1})
@@ -175,21 +201,23 @@ class _Load:
                 self.live.append(new.token)
             else:
                 read = False
+                op = "revoke"
                 try:
                     deleted = await self.eng.revoke(token)
-                except ReplicationIncomplete:
-                    # Deleted on the primary, unconfirmed on the replicas: not counted as
-                    # acknowledged, but its session is gone (not a lost create).
+                except EngineError:
+                    # ReplicationIncomplete: deleted on the primary, unconfirmed on the
+                    # replicas; OutcomeUnknown or a late reply: maybe deleted. Not counted as
+                    # acknowledged, and its session may be gone: not a lost create either.
                     self.unconfirmed_revokes.add(token)
                     raise
                 if deleted:
                     self.revoked.append(token)
-        except ReplicationIncomplete:
-            error = "ReplicationIncomplete"
-        except EngineUnavailable:
-            error = "EngineUnavailable"
+        except ReplicationIncomplete as exc:
+            error, failure = "ReplicationIncomplete", exc
+        except EngineUnavailable as exc:
+            error, failure = "EngineUnavailable", exc
         except EngineError as exc:
-            error = type(exc).__name__
+            error, failure = type(exc).__name__, exc
         b = self._bucket()
         self.calls += 1
         if error is None:
@@ -199,11 +227,18 @@ class _Load:
             if victim and read:
                 b.victim_validations.append(took)
         else:
+            took = time.monotonic() - start
+            if took > self.slowest_failure:
+                self.slowest_failure = took
+                self.slowest_failure_what = f"{op}: {type(failure).__name__}: {failure}"
             b.errors[error] = b.errors.get(error, 0) + 1
             if victim:
                 b.victim_errors += 1
+                if read:
+                    b.victim_read_errors += 1
             else:
                 b.other_errors += 1
+                self.other_errors_by_type[error] = self.other_errors_by_type.get(error, 0) + 1
 
     async def run(self) -> None:
         start = time.monotonic()
@@ -365,6 +400,75 @@ async def _slow_node(cl: Cluster, victim: ClusterNode, report: DrillReport) -> N
     report.fault_notes.append(f"5 x DEBUG SLEEP 0.3 on primary {victim.port}, 0.4 s apart")
 
 
+async def _minority_primary(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
+    """The victim primary loses every other node; the client still reaches it.
+
+    It keeps taking writes until it notices it is in the minority (node timeout), while the
+    majority promotes its replica: what it acknowledged in between is lost at the heal.
+    """
+    parts = _partitions(cl)
+    cut = time.monotonic()
+    await _in_thread(parts.isolate, victim.port)
+    await _wait_promoted(cl, victim, report)
+    report.promoted_s = time.monotonic() - cut
+    await asyncio.sleep(PARTITION_AFTER_PROMOTION)
+    await _heal(cl, cut, report)
+    old = await _in_thread(cl.node, victim.port)
+    report.fault_notes.append(
+        f"isolated primary {victim.port} from every node (the client still reached it); "
+        f"its replica was promoted; healed; the old primary is now a {old.role}"
+    )
+
+
+async def _client_cut(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
+    """The client loses one primary; the cluster itself sees nothing wrong."""
+    parts = _partitions(cl)
+    cut = time.monotonic()
+    await _in_thread(parts.cut_client, victim.port)
+    await asyncio.sleep(CLIENT_CUT_SECONDS)
+    await _heal(cl, cut, report)
+    report.fault_notes.append(
+        f"cut the client off primary {victim.port} for {CLIENT_CUT_SECONDS:.0f} s (packets "
+        "dropped, no RST); the nodes still reached each other; healed"
+    )
+
+
+async def _partition_heal(cl: Cluster, victim: ClusterNode, report: DrillReport) -> None:
+    """Split 3/3: the victim with the other primaries' replicas (a minority of primaries)
+    against the other primaries with the victim's replica; heal once the majority promoted."""
+    parts = _partitions(cl)
+    replica = _replica_of(cl, victim)
+    primaries = await _in_thread(cl.primaries)
+    replicas = await _in_thread(cl.replicas)
+    majority = [p.port for p in primaries if p.port != victim.port] + [replica.port]
+    minority = [victim.port] + [r.port for r in replicas if r.port != replica.port]
+    cut = time.monotonic()
+    await _in_thread(parts.split, majority, minority)
+    await _wait_promoted(cl, victim, report)
+    report.promoted_s = time.monotonic() - cut
+    await asyncio.sleep(PARTITION_AFTER_PROMOTION)
+    await _heal(cl, cut, report)
+    report.fault_notes.append(
+        f"split {majority} | {minority}; the majority promoted {replica.port}; healed"
+    )
+
+
+async def _heal(cl: Cluster, cut: float, report: DrillReport) -> None:
+    await _in_thread(_partitions(cl).heal)
+    report.healed_s = time.monotonic() - cut
+    await _in_thread(cl.wait_healthy, 30.0)
+
+
+def _partitions(cl: Cluster) -> Partitions:
+    if not isinstance(cl, LocalCluster):
+        raise RuntimeError("partition drills need a LocalCluster started with netns=True")
+    return cl.partitions
+
+
+PARTITION_AFTER_PROMOTION = 1.0  # seconds the partition lasts once the majority promoted
+CLIENT_CUT_SECONDS = 4.0
+
+
 SCENARIOS: dict[str, Fault] = {
     "kill-primary": _kill_primary,
     "manual-failover": _replica_failover(None),
@@ -376,7 +480,13 @@ SCENARIOS: dict[str, Fault] = {
     "restart-all": _restart_all,
     "slow-node": _slow_node,
     "replica-down": _replica_down,
+    "minority-primary": _minority_primary,
+    "client-cut": _client_cut,
+    "partition-heal": _partition_heal,
 }
+
+PARTITION_SCENARIOS = ("minority-primary", "client-cut", "partition-heal")
+"""Drills on a cluster whose nodes are separate hosts (``LocalCluster(netns=True)``)."""
 
 
 def cluster_options(scenario: str, full_coverage: bool = False) -> dict[str, Any]:
@@ -387,6 +497,8 @@ def cluster_options(scenario: str, full_coverage: bool = False) -> dict[str, Any
     opts: dict[str, Any] = {"primaries": 3, "replicas_per_primary": 1, "extra_config": extra}
     if scenario == "restart-all":
         opts["persistence"] = True
+    if scenario in PARTITION_SCENARIOS:
+        opts["netns"] = True
     return opts
 
 
@@ -400,11 +512,13 @@ async def run_drill(
     settle: float = 2.0,
     prefix: str = "drill",
     progress: Progress | None = None,
+    replica_fallback_after: float | None = None,
 ) -> DrillReport:
     """Run one drill on a healthy cluster ``cl`` and return its report."""
     fault = SCENARIOS[scenario]
     progress = progress or Progress()
     report = DrillReport(scenario, wait_replicas, sessions, rate)
+    report.replica_fallback_after = replica_fallback_after
     ca_file = getattr(cl, "ca_file", None)  # a TLS LocalCluster's test CA
     settings = EngineSettings(
         url=cl.url,
@@ -415,6 +529,7 @@ async def run_drill(
         wait_timeout=0.5,
         idle_ttl=3600,
         absolute_ttl=7200,
+        replica_fallback_after=replica_fallback_after,
     )
     async with SessionEngine(settings) as eng:
         progress.done(f"[{scenario}] loading {sessions:,} sessions ...")
@@ -477,6 +592,8 @@ def _summarise(report: DrillReport, load: _Load, fault_done: float) -> None:
     fault_bucket = int((load.fault_at - load.t0) / BUCKET)
     first_error: float | None = None
     last_error: float | None = None
+    first_read_error: float | None = None
+    last_read_error: float | None = None
     before: list[float] = []
     during: list[float] = []
     victim_before: list[float] = []
@@ -497,6 +614,10 @@ def _summarise(report: DrillReport, load: _Load, fault_done: float) -> None:
         if n_err:
             first_error = t if first_error is None else first_error
             last_error = t + BUCKET
+        if b.victim_read_errors:
+            first_read_error = t if first_read_error is None else first_read_error
+            last_read_error = t + BUCKET
+        report.failed_victim_validations += b.victim_read_errors
         for k, v in b.errors.items():
             report.errors_by_type[k] = report.errors_by_type.get(k, 0) + v
         report.failed_victim += b.victim_errors
@@ -512,11 +633,16 @@ def _summarise(report: DrillReport, load: _Load, fault_done: float) -> None:
             }
         )
     report.calls = load.calls
+    report.slowest_failure_s = load.slowest_failure
+    report.slowest_failure = load.slowest_failure_what
+    report.other_errors_by_type = dict(load.other_errors_by_type)
     report.failed_calls = report.failed_victim + report.failed_other
     report.first_error_s = first_error
     report.last_error_s = last_error
     if first_error is not None and last_error is not None:
         report.error_window_s = last_error - first_error
+    if first_read_error is not None and last_read_error is not None:
+        report.validate_error_window_s = last_read_error - first_read_error
     report.recovered_s = last_error
     report.other_p99_ms_before = _p99_ms(before)
     report.other_p99_ms_during = _p99_ms(during)
@@ -575,7 +701,9 @@ REMOTE_SCENARIOS = ("manual-failover", "takeover", "script-flush", "slow-node")
 """What a drill can do to a cluster it did not start: commands only, no signals."""
 
 
-def _drill_and_report(args: argparse.Namespace, name: str, cl: Cluster, prefix: str) -> bool:
+def _drill_and_report(
+    args: argparse.Namespace, name: str, cl: Cluster, prefix: str, reports: list[DrillReport]
+) -> bool:
     """Run one scenario, print and write its report; ``True`` if it found no loss."""
     report = run(
         run_drill(
@@ -585,16 +713,19 @@ def _drill_and_report(args: argparse.Namespace, name: str, cl: Cluster, prefix: 
             rate=args.rate,
             wait_replicas=args.wait_replicas,
             prefix=prefix,
+            replica_fallback_after=args.replica_fallback,
         )
     )
-    print(report.summary())
+    reports.append(report)
+    out = report_stream(args)
+    print(report.summary(), file=out)
     stem = args.out / f"{report.scenario}-w{report.wait_replicas}"
     stem.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2))
     if write_chart(report, stem.with_suffix(".png")):
-        print(f"  chart: {stem.with_suffix('.png')}")
+        print(f"  chart: {stem.with_suffix('.png')}", file=out)
     else:
-        print("  chart: skipped (pip install matplotlib, or the 'charts' extra)")
-    print(f"  json: {stem.with_suffix('.json')}")
+        print("  chart: skipped (pip install matplotlib, or the 'charts' extra)", file=out)
+    print(f"  json: {stem.with_suffix('.json')}", file=out)
     return not (report.resurrected or report.failed_other)
 
 
@@ -607,7 +738,8 @@ def _remote_refusal(args: argparse.Namespace, names: Sequence[str]) -> str | Non
     refused = [n for n in names if n not in REMOTE_SCENARIOS]
     if refused:
         return (
-            f"{', '.join(refused)}: needs process control (kill/SIGSTOP); with --url only "
+            f"{', '.join(refused)}: needs process control (kill/SIGSTOP) or the nodes' "
+            f"network (partitions); with --url only "
             f"{', '.join(REMOTE_SCENARIOS)} run. Use a LocalCluster (drop --url)."
         )
     return None
@@ -622,6 +754,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=5_000, help="offered ops/s")
     parser.add_argument("--wait-replicas", type=int, default=0)
     parser.add_argument(
+        "--replica-fallback",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="validations ask a replica when the primary has not answered in this time "
+        "(EngineSettings.replica_fallback_after)",
+    )
+    parser.add_argument(
         "--full-coverage",
         action="store_true",
         help="cluster-require-full-coverage yes (default no)",
@@ -630,6 +770,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tls", action="store_true", help="the local cluster speaks only TLS (every link)"
     )
+    add_json_option(parser, "every scenario's report (a list)")
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -639,8 +780,20 @@ def execute(args: argparse.Namespace) -> int:
     if args.url and (refusal := _remote_refusal(args, names)):
         print(refusal, file=sys.stderr)
         return 2
+    no_netns = netns_unavailable()
+    if args.tls:
+        no_netns = "the namespace cluster of the partition drills has no TLS mode (yet)"
+    if no_netns and not args.url:
+        skipped = [n for n in names if n in PARTITION_SCENARIOS]
+        if skipped and len(names) == 1:
+            print(f"{names[0]}: cannot run here: {no_netns}", file=sys.stderr)
+            return 2
+        for name in skipped:
+            print(f"{name}: skipped: {no_netns}", file=report_stream(args))
+        names = [n for n in names if n not in skipped]
     args.out.mkdir(parents=True, exist_ok=True)
     clean = True
+    reports: list[DrillReport] = []
     for name in names:
         if args.url:
             # A cluster we did not start: our own prefix, removed afterwards (roles stay
@@ -648,13 +801,14 @@ def execute(args: argparse.Namespace) -> int:
             remote = RemoteCluster(args.url)
             prefix = f"drill-{os.urandom(4).hex()}"
             try:
-                clean &= _drill_and_report(args, name, remote, prefix)
+                clean &= _drill_and_report(args, name, remote, prefix, reports)
             finally:
                 remote.delete_prefix(prefix)
         else:
             options = cluster_options(name, args.full_coverage)
             with LocalCluster(**options, tls=args.tls) as local:
-                clean &= _drill_and_report(args, name, local, "drill")
+                clean &= _drill_and_report(args, name, local, "drill", reports)
+    write_json(args.json, [asdict(r) for r in reports])
     return 0 if clean else 1
 
 

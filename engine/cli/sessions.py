@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
-from typing import Any
+from typing import Any, Final
 
 from .. import EngineError, EngineSettings, InvalidArgument, SessionEngine
 from .._session_info import SessionInfo
+from .console import add_json_option, print_table, report_stream, write_json
 
 __all__ = ["configure", "execute"]
 
@@ -31,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--url", default=None, help="cluster URL (default: ENGINE_URL)")
     parser.add_argument("--prefix", default=None, help="key prefix (default: ENGINE_KEY_PREFIX)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_option(parser, "the sessions (revoke: how many were revoked)")
 
 
 def _settings(args: argparse.Namespace) -> EngineSettings:
@@ -43,43 +43,39 @@ def _settings(args: argparse.Namespace) -> EngineSettings:
     return EngineSettings(**fields)
 
 
-def _table(rows: list[SessionInfo]) -> str:
-    header = ("SESSION ID", "STATE", "CREATED", "IDLE DEADLINE", "ABSOLUTE DEADLINE")
-    cells = [header] + [
-        (
+COLUMNS: Final = ("SESSION ID", "STATE", "CREATED", "IDLE DEADLINE", "ABSOLUTE DEADLINE")
+
+
+def _rows(rows: list[SessionInfo]) -> list[list[str | None]]:
+    return [
+        [
             r.session_id,
             r.state.value,
             r.created_at.isoformat(timespec="seconds"),
             r.idle_expires_at.isoformat(timespec="seconds"),
             r.absolute_expires_at.isoformat(timespec="seconds"),
-        )
+        ]
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    )
 
 
 async def _run(args: argparse.Namespace) -> int:
+    out = report_stream(args)
     async with SessionEngine(_settings(args)) as engine:
         if args.action == "list":
             rows = [SessionInfo.of(s) for s in await engine.list_user_sessions(args.user)]
-            if args.json:
-                print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
-            elif rows:
-                print(_table(rows))
+            if rows:
+                print_table(f"sessions of user {args.user!r}", COLUMNS, _rows(rows), file=out)
             else:
-                print(f"no live session for user {args.user!r}")
+                print(f"no live session for user {args.user!r}", file=out)
+            write_json(args.json, [r.model_dump(mode="json") for r in rows])
             return 0
         if args.session is not None:
             count = int(await engine.revoke_session_id(args.user, args.session))
         else:
             count = await engine.revoke_user(args.user)
-        if args.json:
-            print(json.dumps({"revoked": count}))
-        else:
-            print(f"revoked {count} session(s) of user {args.user!r}")
+        print(f"revoked {count} session(s) of user {args.user!r}", file=out)
+        write_json(args.json, {"revoked": count})
         return 0 if count or args.session is None else 1
 
 

@@ -11,19 +11,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Final
 
 from .._engine import SessionEngine
 from .._run import run
 from .._settings import EngineSettings
 from .bench import Row, _closed_loop, _fmt, _machine
-from .console import Progress
+from .console import (
+    Progress,
+    add_json_option,
+    add_markdown_option,
+    markdown_table,
+    print_table,
+    report_stream,
+    right,
+    write_json,
+)
 
 __all__ = ["main"]
 
@@ -154,14 +162,22 @@ async def _bench(args: argparse.Namespace, clusters: dict[str, Any]) -> dict[str
     return {"rows": rows, "machine": _machine()}
 
 
-def render(result: dict[str, Any]) -> str:
-    """Markdown: one line per operation and cluster, with TLS / plaintext ratios."""
-    lines = [
-        "| what | cluster | ops/s | TLS / plain ops | p50 ms | p99 ms "
-        "| client CPU us/op | server CPU us/op |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+COLUMNS: Final = (
+    "what",
+    "cluster",
+    right("ops/s"),
+    right("TLS / plain ops"),
+    right("p50 ms"),
+    right("p99 ms"),
+    right("client CPU us/op"),
+    right("server CPU us/op"),
+)
+
+
+def table_rows(result: dict[str, Any]) -> list[list[str | None]]:
+    """One row per operation and cluster, with the TLS / plaintext ratio on TLS rows."""
     by = {(r["what"], r["cluster"]): r for r in result["rows"]}
+    rows = []
     for r in result["rows"]:
         plain = by.get((r["what"], "plaintext"))
         ratio = (
@@ -169,19 +185,47 @@ def render(result: dict[str, Any]) -> str:
             if r["cluster"] == "TLS" and plain and plain["ops_per_s"] and r["ops_per_s"]
             else None
         )
-        lines.append(
-            f"| {r['what']} | {r['cluster']} | {_fmt(r['ops_per_s'], ',.0f')} | "
-            f"{_fmt(ratio, '.2f')} | {_fmt(r['p50_ms'], '.2f')} | {_fmt(r['p99_ms'], '.2f')} | "
-            f"{_fmt(r['client_cpu_us_per_op'], '.1f')} | "
-            f"{_fmt(r['server_cpu_us_per_op'], '.1f')} |"
+        rows.append(
+            [
+                r["what"],
+                r["cluster"],
+                _fmt(r["ops_per_s"], ",.0f"),
+                _fmt(ratio, ".2f"),
+                _fmt(r["p50_ms"], ".2f"),
+                _fmt(r["p99_ms"], ".2f"),
+                _fmt(r["client_cpu_us_per_op"], ".1f"),
+                _fmt(r["server_cpu_us_per_op"], ".1f"),
+            ]
         )
+    return rows
+
+
+def _notes(result: dict[str, Any]) -> list[str]:
     m = result["machine"]
-    lines.append("")
-    lines.append(
+    notes = [
         f"Machine: {m['cores']} cores, {m['cpu']}, Python {m['python']}, Redis {m['redis']}, "
         f"{m['loop']}. Each figure: the median of {result.get('rounds', '?')} alternating rounds."
+    ]
+    if "command" in result:
+        notes.append(f"command: {result['command']}")
+    return notes
+
+
+def render(result: dict[str, Any]) -> str:
+    """Markdown: one line per operation and cluster, with TLS / plaintext ratios."""
+    return "\n\n".join([markdown_table(COLUMNS, table_rows(result)), *_notes(result)])
+
+
+def report(result: dict[str, Any], *, markdown: bool = False, file: IO[str] | None = None) -> None:
+    """The table (rich, or Markdown for bench.md), the machine and the command."""
+    print_table(
+        "python -m engine bench --tls",
+        COLUMNS,
+        table_rows(result),
+        notes=_notes(result),
+        markdown=markdown,
+        file=file,
     )
-    return "\n".join(lines)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -191,7 +235,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per cluster")
     parser.add_argument("--primaries", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="write the results here")
+    add_json_option(parser)
+    add_markdown_option(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def execute(args: argparse.Namespace) -> int:
-    """Start both clusters, measure, print the table (and JSON with ``--json``)."""
+    """Start both clusters, measure, print the table (the JSON with ``--json``)."""
     from ..testing import LocalCluster  # noqa: PLC0415
 
     print(f"starting two local clusters ({args.primaries} primaries) ...", file=sys.stderr)
@@ -213,8 +258,6 @@ def execute(args: argparse.Namespace) -> int:
         result = run(_bench(args, {"plaintext": plain, "TLS": tls}))
     result["rounds"] = args.rounds
     result["command"] = "python -m engine " + " ".join(args.argv)
-    print(render(result))
-    print(f"\ncommand: {result['command']}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    report(result, markdown=args.markdown, file=report_stream(args))
+    write_json(args.json, result)
     return 0

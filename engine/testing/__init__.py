@@ -2,6 +2,8 @@
 
 ``LocalCluster`` starts a real cluster (or one plain server) of ``redis-server``
 processes on loopback and gives a test kill, pause/resume, restart and failover;
+``LocalCluster(netns=True)`` puts every node in a network namespace of its own, so
+``LocalCluster.partitions`` can cut the network between them;
 ``RemoteCluster`` drives a cluster someone else started, with commands only;
 ``delete_prefix`` / ``keys_under`` clean up and inspect a key prefix on every primary; the
 pytest plugin (``engine.testing.plugin``, registered as a ``pytest11`` entry point)
@@ -26,21 +28,26 @@ if TYPE_CHECKING:
         RedisServerNotFound,
     )
     from ._keyspace import delete_prefix, keys_under, primary_clients
+    from ._netns import NETNS_SUBNET, NetnsUnavailable, Partitions, netns_unavailable
     from ._remote import RemoteCluster
     from ._tls import TlsFiles, make_test_pki
 
 __all__ = [
     "DEFAULT_STATE_FILE",
+    "NETNS_SUBNET",
     "NODE_CONF",
     "ClusterNode",
     "HarnessError",
     "LocalCluster",
+    "NetnsUnavailable",
+    "Partitions",
     "RedisServerNotFound",
     "RemoteCluster",
     "TlsFiles",
     "delete_prefix",
     "keys_under",
     "make_test_pki",
+    "netns_unavailable",
     "primary_clients",
 ]
 
@@ -50,6 +57,10 @@ _HOME = {
     "ClusterNode": "._cluster",
     "HarnessError": "._cluster",
     "LocalCluster": "._cluster",
+    "NETNS_SUBNET": "._netns",
+    "NetnsUnavailable": "._netns",
+    "Partitions": "._netns",
+    "netns_unavailable": "._netns",
     "RedisServerNotFound": "._cluster",
     "RemoteCluster": "._remote",
     "TlsFiles": "._tls",

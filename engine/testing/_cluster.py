@@ -53,6 +53,7 @@ from ._constants import (
     RedisServerNotFound,
     Role,
 )
+from ._netns import HostNetwork, Partitions
 from ._ports import _pick_ports
 from ._processes import (
     _bind_failed,
@@ -167,6 +168,10 @@ class LocalCluster:
             test CA and node certificate made by openssl in ``<base_dir>/tls``. `url` is then
             ``rediss://`` and `ca_file` the CA to trust. Clients may present a certificate
             (``tls-auth-clients optional``); ``extra_config`` can make it ``yes``.
+        netns: Run every node in its own network namespace, with its own address in
+            ``10.213.0.0/24`` on a bridge (separate hosts on a real network path), and make
+            `partitions` available. Linux and root only (`NetnsUnavailable` elsewhere);
+            ``host`` is then unused. See ``engine/testing/_netns.py``.
 
     Raises:
         RedisServerNotFound: ``redis-server`` is missing or not executable.
@@ -188,6 +193,7 @@ class LocalCluster:
         startup_timeout: float = 30.0,
         die_with_parent: bool = True,
         tls: bool = False,
+        netns: bool = False,
     ) -> None:
         self._configure(
             primaries=primaries,
@@ -201,6 +207,7 @@ class LocalCluster:
             startup_timeout=startup_timeout,
             die_with_parent=die_with_parent,
             tls=tls,
+            netns=netns,
         )
         self._redis_server = _find_redis_server(redis_server)
 
@@ -218,6 +225,7 @@ class LocalCluster:
         startup_timeout: float,
         die_with_parent: bool,
         tls: bool = False,
+        netns: bool = False,
     ) -> None:
         if cluster_mode and primaries < 1:
             raise ValueError("primaries must be >= 1")
@@ -225,6 +233,9 @@ class LocalCluster:
             raise ValueError("replicas_per_primary must be >= 0")
         if node_timeout_ms < 1:
             raise ValueError("node_timeout_ms must be positive")
+        if tls and netns:
+            # The test certificate names one host; namespace nodes each have their own.
+            raise ValueError("tls and netns cannot be combined (yet)")
         for key, value in (extra_config or {}).items():
             # One directive per line: anything that could smuggle in a second line is refused.
             if not key or any(c.isspace() for c in key) or "\n" in value or "\r" in value:
@@ -248,6 +259,9 @@ class LocalCluster:
         self._clients: list[redis.Redis] = []
         self._started = False
         self._stopped = False
+        self.netns = netns
+        self._net: HostNetwork | None = None
+        self._partitions: Partitions | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -284,6 +298,9 @@ class LocalCluster:
                 self._owns_base_dir = True
             else:
                 self._base_dir.mkdir(parents=True, exist_ok=True)
+            if self.netns:
+                count = self.primaries_count * (1 + self.replicas_per_primary)
+                self._net = HostNetwork.create(count)
             if self.tls:
                 self._tls = make_test_pki(self._base_dir / "tls", host=self.host)
             self._launch_all(deadline)
@@ -322,6 +339,8 @@ class LocalCluster:
             if not self._wait_exit(node, max(0.0, deadline - time.monotonic())):
                 self._signal(node, signal.SIGKILL)
                 self._wait_exit(node, 5.0)
+        if self._net is not None:
+            self._net.destroy()  # after the processes: nothing may still run inside
         self._remove_dirs()
 
     def detach(self) -> None:
@@ -360,7 +379,7 @@ class LocalCluster:
         ``rediss://`` for a TLS cluster."""
         if not self._nodes:
             raise HarnessError("cluster is not started")
-        return _url(self.host, self._nodes[0].port, tls=self.tls)
+        return _url(self._host_of(self._nodes[0].port), self._nodes[0].port, tls=self.tls)
 
     @property
     def ca_file(self) -> Path | None:
@@ -408,7 +427,7 @@ class LocalCluster:
                 node.role = line.role
             result.append(
                 ClusterNode(
-                    host=self.host,
+                    host=self._host_of(node.port),
                     port=node.port,
                     pid=node.pid,
                     role=node.role,
@@ -477,8 +496,9 @@ class LocalCluster:
             decode_responses: Return ``str`` instead of ``bytes``.
         """
         self._node(port)
+        host = self._host_of(port)
         client = _client(
-            self.host, port, socket_timeout, decode_responses=decode_responses, tls=self._tls
+            host, port, socket_timeout, decode_responses=decode_responses, tls=self._tls
         )
         self._clients.append(client)
         return client
@@ -489,10 +509,29 @@ class LocalCluster:
         Example: ``cl.run(port, "CLUSTER", "INFO")``.
         """
         self._node(port)
-        with _client(self.host, port, _CONTROL_TIMEOUT, tls=self._tls) as client:
+        with _client(self._host_of(port), port, _CONTROL_TIMEOUT, tls=self._tls) as client:
             return client.execute_command(*args)
 
     # ------------------------------------------------------------------ fault injection
+
+    @property
+    def partitions(self) -> Partitions:
+        """Network partitions between nodes and the client (``netns=True`` clusters only):
+        ``isolate(port)``, ``split(group, group, ...)``, ``cut_client(port)``, ``heal()``.
+
+        Raises:
+            HarnessError: The cluster does not run in network namespaces.
+        """
+        if self._net is None:
+            raise HarnessError("partitions need a cluster started with netns=True")
+        if self._partitions is None:
+            self._partitions = Partitions(self._net, self._index_of)
+        return self._partitions
+
+    @property
+    def client_address(self) -> str | None:
+        """This process's address on the nodes' network (``netns=True``), else ``None``."""
+        return self._net.client_address if self._net is not None else None
 
     def kill(self, port: int) -> None:
         """``SIGKILL`` the node on ``port`` and wait until the process is gone."""
@@ -601,17 +640,17 @@ class LocalCluster:
         if not live:
             return ["no running, un-paused node"]
         if not self.cluster_mode:
+            first = live[0].port
             return (
-                []
-                if _ping(self.host, live[0].port, tls=self._tls)
-                else [f"{live[0].port}: no PONG"]
+                [] if _ping(self._host_of(first), first, tls=self._tls) else [f"{first}: no PONG"]
             )
         live_ids = {n.node_id for n in live}
         problems: list[str] = []
         reference: tuple[Any, ...] | None = None
         for node in live:
             try:
-                with _client(self.host, node.port, _CONTROL_TIMEOUT, tls=self._tls) as client:
+                host = self._host_of(node.port)
+                with _client(host, node.port, _CONTROL_TIMEOUT, tls=self._tls) as client:
                     info = _parse_info(client.execute_command("CLUSTER", "INFO"))
                     lines = _parse_cluster_nodes(client.execute_command("CLUSTER", "NODES"))
                     repl = client.info("replication")
@@ -674,6 +713,7 @@ class LocalCluster:
             "base_dir": str(self._base_dir),
             "owns_base_dir": self._owns_base_dir,
             "ports": [n.port for n in self._nodes],
+            "netns": self._net.state() if self._net is not None else None,
             "tls_dir": str(self._tls.ca.cert.parent) if self._tls else None,
             "pids": [n.pid for n in self._nodes],
             "nodes": [
@@ -730,6 +770,12 @@ class LocalCluster:
                 node.pid = int(entry["pid"]) if entry["pid"] is not None else None
                 node.node_id = entry["node_id"]
                 obj._nodes.append(node)
+            if state.get("netns"):
+                net = state["netns"]
+                obj.netns = True
+                obj._net = HostNetwork.attach(
+                    int(net["block"]), int(net["nodes"]), [str(n) for n in net["namespaces"]]
+                )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise HarnessError(f"cannot read cluster state file {path}: {exc!r}") from exc
         obj._attached = True
@@ -737,6 +783,18 @@ class LocalCluster:
         return obj
 
     # ------------------------------------------------------------------ process handling
+
+    def _host_of(self, port: int) -> str:
+        """The address node ``port`` listens on: its namespace's, or the shared ``host``."""
+        if self._net is None:
+            return self.host
+        return self._net.address(self._index_of(port))
+
+    def _index_of(self, port: int) -> int:
+        for i, node in enumerate(self._nodes):
+            if node.port == port:
+                return i
+        raise HarnessError(f"no harness node on port {port} (ports: {self.ports})")
 
     def _node(self, port: int) -> _Node:
         for node in self._nodes:
@@ -784,7 +842,7 @@ class LocalCluster:
             "# below is specific to this node and overrides it.",
             f"include {_quote(NODE_CONF)}",
             *self._port_lines(node),
-            f"bind {self.host}",
+            f"bind {self._host_of(node.port)}",
             f"dir {_quote(node.dir)}",
             f"logfile {_quote(node.log)}",
         ]
@@ -795,6 +853,9 @@ class LocalCluster:
             ]
         else:
             lines.append("cluster-enabled no")
+        if self._net is not None:
+            # Gossip and CLUSTER SLOTS must carry the address the other hosts reach.
+            lines.append(f"cluster-announce-ip {self._host_of(node.port)}")
         if self.persistence:
             lines.append("appendonly yes")
         lines += [f"{key} {value}" for key, value in self.extra_config.items()]
@@ -819,6 +880,8 @@ class LocalCluster:
     def _spawn(self, node: _Node) -> None:
         preexec = _pdeathsig_preexec() if self.die_with_parent else None
         cmd = [self._redis_server, str(node.conf)]
+        if self._net is not None:
+            cmd = self._net.exec_prefix(self._nodes.index(node)) + cmd
 
         def popen() -> subprocess.Popen[bytes]:
             # Early errors (bad config) go to stderr before the logfile is open: keep them too.
@@ -846,7 +909,11 @@ class LocalCluster:
         roles = [primary] * self.primaries_count + [replica] * (
             self.primaries_count * self.replicas_per_primary
         )
-        ports = _pick_ports(self.host, len(roles), set())
+        if self._net is not None:
+            # Each node has a network namespace of its own: fixed ports cannot collide.
+            ports = [_NETNS_FIRST_PORT + i for i in range(len(roles))]
+        else:
+            ports = _pick_ports(self.host, len(roles), set())
         self._nodes = [
             _Node(p, self._base_dir / str(p), r) for p, r in zip(ports, roles, strict=True)
         ]
@@ -886,7 +953,7 @@ class LocalCluster:
                         node.proc.wait()
                     waiting.remove(node)
                     failed.append(node)
-                elif _ping(self.host, node.port, tls=self._tls):
+                elif _ping(self._host_of(node.port), node.port, tls=self._tls):
                     waiting.remove(node)
             if waiting and time.monotonic() >= deadline:
                 for node in waiting:
@@ -911,7 +978,7 @@ class LocalCluster:
         # Meeting every pair directly skips waiting for gossip to spread the introductions.
         for i, node in enumerate(nodes):
             for other in nodes[i + 1 :]:
-                self.run(node.port, "CLUSTER", "MEET", self.host, other.port)
+                self.run(node.port, "CLUSTER", "MEET", self._host_of(other.port), other.port)
         self._wait_mesh(deadline)
         for i, replica in enumerate(nodes[n:]):
             primary = nodes[i // self.replicas_per_primary]
@@ -936,7 +1003,7 @@ class LocalCluster:
 
     def _cluster_nodes_or_none(self, port: int) -> list[_NodeLine] | None:
         try:
-            with _client(self.host, port, _CONTROL_TIMEOUT, tls=self._tls) as client:
+            with _client(self._host_of(port), port, _CONTROL_TIMEOUT, tls=self._tls) as client:
                 return _parse_cluster_nodes(client.execute_command("CLUSTER", "NODES"))
         except (redis.RedisError, OSError):
             return None
@@ -952,6 +1019,9 @@ class LocalCluster:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+_NETNS_FIRST_PORT = 7000  # node i of a namespace cluster listens on 7000 + i
 
 
 def _url(host: str, port: int, *, tls: bool = False) -> str:
