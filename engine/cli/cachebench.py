@@ -49,7 +49,9 @@ import time
 import tracemalloc
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from rich.table import Column
 
 from .._engine import SessionEngine
 from .._errors import EngineError
@@ -58,7 +60,17 @@ from .._run import run
 from .._settings import EngineSettings
 from . import CHECKOUT
 from .bench import _machine
-from .console import Progress
+from .console import (
+    Cell,
+    Progress,
+    add_json_option,
+    add_markdown_option,
+    markdown_table,
+    print_table,
+    report_stream,
+    right,
+    write_json,
+)
 
 __all__ = ["main", "worker_main"]
 
@@ -964,96 +976,159 @@ async def _bench(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
     return result
 
 
-def render(result: dict[str, Any]) -> str:
-    """Markdown tables of every figure."""
+Table = tuple[str, Sequence[str | Column], list[list[Cell]], list[str]]
+
+
+def _tables(result: dict[str, Any]) -> list[Table]:
+    """Every figure: (title, columns, rows, notes) per table."""
     h = result["hits"]
-    out = [
-        "| hits: mode | engine | validations/s | client CPU us/op | per CPU-second | hit fraction |"
-    ]
-    out.append("|---|---|---:|---:|---:|---:|")
-    for row in h["rows"]:
-        frac = "" if row["hit_fraction"] is None else f"{row['hit_fraction']:.3f}"
-        out.append(
-            f"| {row['mode']} | {row['engine']} | {row['ops_per_s']:,.0f} | "
-            f"{row['cpu_us_per_op']:.2f} | {row['ops_per_cpu_second']:,.0f} | {frac} |"
-        )
     lat = h["hit_latency"]
-    out.append("")
-    out.append(
-        f"cached / uncached: {', '.join(f'{m} {r:.1f}x' for m, r in h['ratio_by_mode'].items())}; "
-        f"best hit / best uncached {h['ratio_best_hit_to_best_uncached']:.1f}x. "
-        f"Hit latency ({lat['samples']:,} samples): p50 {lat['p50_us']:.2f} us, "
-        f"p99 {lat['p99_us']:.2f} us, p99.9 {lat['p999_us']:.2f} us, max {lat['max_us']:.0f} us."
+    ratios = ", ".join(f"{m} {r:.1f}x" for m, r in h["ratio_by_mode"].items())
+    hits: Table = (
+        "hits against the uncached validate",
+        [
+            "mode",
+            "engine",
+            right("validations/s"),
+            right("client CPU us/op"),
+            right("per CPU-second"),
+            right("hit fraction"),
+        ],
+        [
+            [
+                row["mode"],
+                row["engine"],
+                f"{row['ops_per_s']:,.0f}",
+                f"{row['cpu_us_per_op']:.2f}",
+                f"{row['ops_per_cpu_second']:,.0f}",
+                None if row["hit_fraction"] is None else f"{row['hit_fraction']:.3f}",
+            ]
+            for row in h["rows"]
+        ],
+        [
+            f"cached / uncached: {ratios}; best hit / best uncached "
+            f"{h['ratio_best_hit_to_best_uncached']:.1f}x. "
+            f"Hit latency ({lat['samples']:,} samples): p50 {lat['p50_us']:.2f} us, "
+            f"p99 {lat['p99_us']:.2f} us, p99.9 {lat['p999_us']:.2f} us, "
+            f"max {lat['max_us']:.0f} us."
+        ],
     )
     mix = result["mix"]
-    out += [
-        "",
-        "| mix | ops/s | validations/s | hit rate | client CPU us/op "
-        "| None answers (unexplained) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for label, row in mix["rows"].items():
-        rate = "" if row["hit_rate"] is None else f"{row['hit_rate']:.3f}"
-        out.append(
-            f"| {label} | {row['ops_per_s']:,.0f} | {row['validations_per_s']:,.0f} | {rate} | "
-            f"{row['cpu_us_per_op']:.2f} | {row['none']:,} ({row['unexplained_none']}) |"
-        )
+    mixed: Table = (
+        f"Zipf s={mix['zipf_s']} over {mix['tokens']:,} sessions, "
+        f"{mix['write_fraction']:.0%} writes, {mix['tasks']} tasks",
+        [
+            "engine",
+            right("ops/s"),
+            right("validations/s"),
+            right("hit rate"),
+            right("client CPU us/op"),
+            right("None answers (unexplained)"),
+        ],
+        [
+            [
+                label,
+                f"{row['ops_per_s']:,.0f}",
+                f"{row['validations_per_s']:,.0f}",
+                None if row["hit_rate"] is None else f"{row['hit_rate']:.3f}",
+                f"{row['cpu_us_per_op']:.2f}",
+                f"{row['none']:,} ({row['unexplained_none']})",
+            ]
+            for label, row in mix["rows"].items()
+        ],
+        [],
+    )
     rev = result["revocation"]
-    out.append("")
-    out.append(
-        f"Revocation seen by {rev['processes']} processes ({rev['samples']} samples, "
-        f"{rev['unseen']} unseen, polling every {rev['poll_ms']} ms): from the acknowledged "
-        f"revoke p50 {rev['from_ack_p50_ms']:.2f} ms, p99 {rev['from_ack_p99_ms']:.2f} ms, "
-        f"max {rev['from_ack_max_ms']:.2f} ms."
-    )
     fo = result["fan_out"]
-    out.append(
-        f"Fan-out: {fo['updates']:,} updates of sessions cached by {fo['holders_per_key']} "
-        f"processes sent {fo['invalidation_messages']:,} invalidations; primaries' CPU per "
-        f"update {fo['server_cpu_us_per_update_unwatched']:.1f} us unwatched, "
-        f"{fo['server_cpu_us_per_update_watched']:.1f} us watched: "
-        f"{_num2(fo['server_cpu_us_per_message'])} us per message."
-    )
     tr = result["tracking"]
-    out += ["", "| processes | tracking_total_keys | tracking_total_items | used_memory |"]
-    out.append("|---:|---:|---:|---:|")
-    for step in tr["steps"]:
-        out.append(
-            f"| {step['processes']} | {step['tracking_total_keys']:,} | "
-            f"{step['tracking_total_items']:,} | {step['used_memory']:,} |"
-        )
     em = result["entry_memory"]
-    out.append("")
-    out.append(
-        f"Server: {tr['bytes_per_tracked_key_first_process']:.0f} B per tracked key (first "
-        f"process), {_num(tr['bytes_per_item_each_further_process'])} B per further "
-        f"(key, process). Client: {_num(em['bytes_per_entry'])} B per cache entry "
-        f"(tracemalloc, {em['entries']:,} entries); worker RSS "
-        f"{_num(tr['worker_rss_bytes_per_entry'])} B per entry (incl. the token memo)."
+    tracking: Table = (
+        "processes caching the same sessions: the primaries' tracking table",
+        [
+            right("processes"),
+            right("tracking_total_keys"),
+            right("tracking_total_items"),
+            right("used_memory"),
+        ],
+        [
+            [
+                step["processes"],
+                f"{step['tracking_total_keys']:,}",
+                f"{step['tracking_total_items']:,}",
+                f"{step['used_memory']:,}",
+            ]
+            for step in tr["steps"]
+        ],
+        [
+            f"Revocation seen by {rev['processes']} processes ({rev['samples']} samples, "
+            f"{rev['unseen']} unseen, polling every {rev['poll_ms']} ms): from the "
+            f"acknowledged revoke p50 {rev['from_ack_p50_ms']:.2f} ms, "
+            f"p99 {rev['from_ack_p99_ms']:.2f} ms, max {rev['from_ack_max_ms']:.2f} ms.",
+            f"Fan-out: {fo['updates']:,} updates of sessions cached by {fo['holders_per_key']} "
+            f"processes sent {fo['invalidation_messages']:,} invalidations; primaries' CPU per "
+            f"update {fo['server_cpu_us_per_update_unwatched']:.1f} us unwatched, "
+            f"{fo['server_cpu_us_per_update_watched']:.1f} us watched: "
+            f"{_num2(fo['server_cpu_us_per_message'])} us per message.",
+            f"Server: {tr['bytes_per_tracked_key_first_process']:.0f} B per tracked key (first "
+            f"process), {_num(tr['bytes_per_item_each_further_process'])} B per further "
+            f"(key, process). Client: {_num(em['bytes_per_entry'])} B per cache entry "
+            f"(tracemalloc, {em['entries']:,} entries); worker RSS "
+            f"{_num(tr['worker_rss_bytes_per_entry'])} B per entry (incl. the token memo).",
+        ],
     )
     ba = result["uncached_before_after"]
-    out.append("")
-    out.append(
-        f"Uncached validate, after / before ({ba['baseline_commit']}): sequential "
-        f"{ba['sequential|after_over_before_ops']:.3f}x ops, "
-        f"{ba['sequential|after_over_before_cpu']:.3f}x CPU; gathered "
-        f"{ba['gather|after_over_before_ops']:.3f}x ops, "
-        f"{ba['gather|after_over_before_cpu']:.3f}x CPU."
-    )
-    if ba["instructions"]:
-        ins = ba["instructions"]
-        out.append(
+    ins = ba["instructions"]
+    before_after: Table = (
+        f"the uncached validate before the cache ({ba['baseline_commit']}) and now",
+        [
+            "mode",
+            right("before /s"),
+            right("after /s"),
+            right("after / before ops"),
+            right("after / before CPU"),
+        ],
+        [
+            [
+                mode,
+                f"{ba[f'{mode}|before']['ops_per_s']:,.0f}",
+                f"{ba[f'{mode}|after']['ops_per_s']:,.0f}",
+                f"{ba[f'{mode}|after_over_before_ops']:.3f}",
+                f"{ba[f'{mode}|after_over_before_cpu']:.3f}",
+            ]
+            for mode in ("sequential", "gather")
+        ],
+        [
             f"Instructions per validate: before {ins['before']['per_validate']:,.0f}, after "
             f"{ins['after']['per_validate']:,.0f} ({ins['after_over_before']:.3f}x)."
-        )
+        ]
+        if ins
+        else [],
+    )
     m = result["machine"]
-    out.append("")
-    out.append(
+    last = [
         f"Machine: {m['cores']} cores, {m['cpu']}, Python {m['python']}, Redis {m['redis']}, "
         f"{m['loop']}; load average {result['load_average']['start']} at the start, "
         f"{result['load_average']['end']} at the end."
+    ]
+    if "command" in result:
+        last.append(f"command: {result['command']}")
+    before_after[3].extend(last)
+    return [hits, mixed, tracking, before_after]
+
+
+def render(result: dict[str, Any]) -> str:
+    """Markdown tables of every figure (what bench.md records)."""
+    return "\n\n".join(
+        "\n\n".join([markdown_table(columns, rows), *notes])
+        for _, columns, rows, notes in _tables(result)
     )
-    return "\n".join(out)
+
+
+def report(result: dict[str, Any], *, markdown: bool = False, file: IO[str] | None = None) -> None:
+    """The tables (rich, or Markdown for bench.md) with their notes."""
+    for title, columns, rows, notes in _tables(result):
+        print_table(title, columns, rows, notes=notes, markdown=markdown, file=file)
+        (file or sys.stdout).write("\n")
 
 
 def _num2(value: float | None) -> str:
@@ -1105,7 +1180,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="also count instructions per validate under valgrind (e.g. 640,3200; slow)",
     )
     parser.add_argument("--primaries", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="write the results here")
+    add_json_option(parser)
+    add_markdown_option(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1166,8 +1242,6 @@ def execute(args: argparse.Namespace) -> int:
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
     result["seconds_taken"] = round(time.time() - started, 1)
     result["command"] = "python -m engine " + " ".join(args.argv)
-    print(render(result))
-    print(f"\ncommand: {result['command']}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    report(result, markdown=args.markdown, file=report_stream(args))
+    write_json(args.json, result)
     return 0
