@@ -43,7 +43,9 @@ def test_help_and_version_exit_zero() -> None:
     assert "0.1.0" in out.stdout
 
 
-@pytest.mark.parametrize("command", [*sorted(COMMANDS), "bench --http", "bench --tls"])
+@pytest.mark.parametrize(
+    "command", [*sorted(COMMANDS), "bench --http", "bench --tls", "bench --local-cache"]
+)
 def test_every_command_has_help_with_its_defaults(command: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "engine", *command.split(), "--help"],

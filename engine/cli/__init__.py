@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": (
         "engine.cli.bench",
         "throughput/latency against redis-py and redis-benchmark (--http: the FastAPI path "
-        "beside its peers under wrk; --tls: TLS against plaintext)",
+        "beside its peers under wrk; --tls: TLS against plaintext; --local-cache: the local "
+        "cache's hits, revocation delay and memory)",
     ),
     "cluster": ("engine.cli.cluster", "up|down|status: a local cluster in the background"),
     "loadtest": ("engine.cli.loadtest", "reference FastAPI service under headless Locust"),
@@ -72,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "bench" and "--http" in args_in:
             module_name = "engine.cli.httpbench"  # its own arguments, behind --http
             sub.add_argument("--http", action="store_true", help="the HTTP benchmark")
+        elif name == "bench" and "--local-cache" in args_in:
+            module_name = "engine.cli.cachebench"  # the local cache's targets (issue 12)
+            sub.add_argument("--local-cache", action="store_true", help="the local cache bench")
         elif name == "bench" and "--tls" in args_in:
             module_name = "engine.cli.tlsbench"  # TLS vs plaintext, behind --tls
             sub.add_argument("--tls", action="store_true", help="the TLS cost benchmark")
