@@ -24,7 +24,7 @@ from helpers import open_engine
 from engine import EngineSettings, EngineUnavailable, SessionEngine, SessionState
 from engine._keys import slot_of_tag
 from engine._local_cache import LocalCache
-from engine.testing import LocalCluster
+from engine.testing import LocalCluster, until_tracking_ready
 
 pytestmark = pytest.mark.cluster
 
@@ -35,20 +35,6 @@ def cache_of(eng: SessionEngine) -> LocalCache:
     cache = eng._cache
     assert cache is not None
     return cache
-
-
-async def until_ready(eng: SessionEngine, within: float = 5.0) -> None:
-    """Tracking is set up on every primary (the supervisor does it in the background)."""
-    cache = cache_of(eng)
-    deadline = time.monotonic() + within
-    while True:
-        trackers = [cache.trackers.get(n) for n in eng.transport.primaries()]
-        if all(t is not None and t.ready for t in trackers):
-            return
-        assert time.monotonic() < deadline, "tracking never became ready"
-        # A validation makes the data connections that tracking needs.
-        await eng.ping()
-        await asyncio.sleep(0.02)
 
 
 async def cached(eng: SessionEngine, token: str) -> None:
@@ -76,7 +62,7 @@ async def pair(url: str, prefix: str, **b_fields: Any) -> AsyncIterator[tuple[An
     async with open_engine(url, prefix) as a:
         settings = EngineSettings(url=url, key_prefix=prefix, **{**CACHED, **b_fields})
         async with SessionEngine(settings) as b:
-            await until_ready(b)
+            await until_tracking_ready(b)
             yield a, b
 
 
@@ -150,7 +136,7 @@ async def test_a_refresh_by_another_process_drops_the_entry(cluster_url: str, pr
     async with open_engine(cluster_url, prefix, refresh_slack=0.01) as a:
         settings = EngineSettings(url=cluster_url, key_prefix=prefix, refresh_slack=0.1, **CACHED)
         async with SessionEngine(settings) as b:
-            await until_ready(b)
+            await until_tracking_ready(b)
             new = await a.create(user_id="u1", idle_ttl=100)
             key = b.keys.session(new.token.split(".", 1)[0], new.session.session_id)
             await asyncio.to_thread(raw_client(cluster_url).pexpire, key, 95_000)
@@ -223,7 +209,7 @@ async def test_another_process_sees_a_revocation_within_50ms(
 
 async def test_own_writes_are_seen_at_once(make_engine: Any) -> None:
     async with make_engine(**CACHED) as eng:
-        await until_ready(eng)
+        await until_tracking_ready(eng)
         new = await eng.create(user_id="u1", data={"v": 1})
         await cached(eng, new.token)
         await eng.update(new.token, data={"v": 2})
@@ -236,7 +222,7 @@ async def test_own_writes_are_seen_at_once(make_engine: Any) -> None:
 
 async def test_a_cached_session_cannot_be_changed_by_its_caller(make_engine: Any) -> None:
     async with make_engine(**CACHED) as eng:
-        await until_ready(eng)
+        await until_tracking_ready(eng)
         new = await eng.create(user_id="u1", data={"cart": [1]})
         await cached(eng, new.token)
         s = await eng.validate(new.token)
@@ -248,7 +234,7 @@ async def test_a_cached_session_cannot_be_changed_by_its_caller(make_engine: Any
 
 async def test_states_are_checked_on_a_hit(make_engine: Any) -> None:
     async with make_engine(**CACHED) as eng:
-        await until_ready(eng)
+        await until_tracking_ready(eng)
         new = await eng.create(user_id="u1", state=SessionState.PENDING)
         pending = {SessionState.PENDING}
         for _ in range(200):
@@ -381,7 +367,7 @@ async def test_validate_many_uses_the_cache(cluster_url: str, prefix: str) -> No
 
 async def test_the_cache_is_bounded(make_engine: Any) -> None:
     async with make_engine(local_cache_size=5) as eng:
-        await until_ready(eng)
+        await until_tracking_ready(eng)
         tokens = [(await eng.create(user_id=f"u{i}")).token for i in range(12)]
         for _ in range(3):
             await eng.validate_many(tokens)
@@ -411,7 +397,7 @@ async def test_a_paused_node_stops_serving_from_cache_then_fails_closed(
     staleness = 0.3
     fields = {"local_cache_size": 100, "local_cache_max_staleness": staleness}
     async with open_engine(own_cluster.url, prefix, command_timeout=0.2, **fields) as b:
-        await until_ready(b)
+        await until_tracking_ready(b)
         new = await b.create(user_id="u1")
         await cached(b, new.token)
         node = own_cluster.primary_for_key(
@@ -457,7 +443,7 @@ async def test_no_entry_from_before_a_failover_is_served_after_it(
             url=own_cluster.url, key_prefix=prefix, command_timeout=0.5, **CACHED
         )
         async with SessionEngine(settings) as b:
-            await until_ready(b)
+            await until_tracking_ready(b)
             seed_port = own_cluster.ports[0]
             for i in range(100):  # a user whose primary is not the seed (teardown uses it)
                 new = await a.create(user_id=f"u{i}", data={"v": "before"})
@@ -517,7 +503,7 @@ async def test_a_lost_invalidation_connection_drops_entries_and_tracking_comes_b
             assert time.monotonic() < deadline
             await asyncio.sleep(0.005)
         assert cache_of(b).drops["connection"] >= 1
-        await until_ready(b)
+        await until_tracking_ready(b)
         assert tracker._sub is not None and tracker._sub.client_id != sub.client_id
         await cached(b, new.token)
         await a.update(new.token, data={"v": 2})
@@ -561,7 +547,7 @@ async def test_a_migrated_slot_is_not_served_from_the_old_node(
         s = await b.validate(new.token)  # MOVED, then the new node
         assert s is not None and s.data == {"v": 1}
         assert b.transport.node_for_slot(slot).port == dst.port
-        await until_ready(b)
+        await until_tracking_ready(b)
         await cached(b, new.token)
         assert cache_of(b).entries[key].tracker.node.port == dst.port
         await a.update(new.token, data={"v": 2})

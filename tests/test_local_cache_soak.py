@@ -57,6 +57,7 @@ from engine import (
     SessionEngine,
     SessionNotFound,
 )
+from engine.testing import until_tracking_ready
 
 RECORD = struct.Struct("<ddBqq")
 """One logged operation: start, end (monotonic s), op, token id, result."""
@@ -129,21 +130,6 @@ class _Log:
     def close(self) -> None:
         self._fh.write(self._buf)
         self._fh.close()
-
-
-async def _until_ready(eng: SessionEngine, within: float = 20.0) -> None:
-    """Tracking set up on every primary (as tests/test_local_cache.py ``until_ready``)."""
-    cache = eng._cache
-    assert cache is not None
-    deadline = time.monotonic() + within
-    while True:
-        trackers = [cache.trackers.get(n) for n in eng.transport.primaries()]
-        if all(t is not None and t.ready for t in trackers):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError("tracking never became ready")
-        await eng.ping()
-        await asyncio.sleep(0.02)
 
 
 class _Worker:
@@ -268,7 +254,7 @@ async def worker_main(cfg: dict[str, Any], tokens: list[str]) -> None:
         command_timeout=2.0,
     )
     async with SessionEngine(settings) as eng:
-        await _until_ready(eng)
+        await until_tracking_ready(eng, 20.0)
         worker = _Worker(cfg, eng, tokens)
         print("ready", flush=True)
         line = await asyncio.to_thread(sys.stdin.readline)
@@ -600,7 +586,7 @@ class _HeldReplies:
 async def _close_while_a_probe_waits(settings: EngineSettings) -> None:
     eng = await SessionEngine(settings).open()
     try:
-        await _until_ready(eng)
+        await until_tracking_ready(eng, 20.0)
         node = eng.transport.primaries()[0]
         tracker = eng._cache.trackers[node] if eng._cache is not None else None
         assert tracker is not None and tracker._sub is not None and node.conn is not None
@@ -644,7 +630,7 @@ async def test_writes_alone_are_not_tracked(cluster_url: str, prefix: str) -> No
     settings = EngineSettings(url=cluster_url, key_prefix=prefix, local_cache_size=100)
     try:
         async with SessionEngine(settings) as eng:
-            await _until_ready(eng)
+            await until_tracking_ready(eng, 20.0)
             cache = eng._cache
             assert cache is not None
             for _ in range(3):

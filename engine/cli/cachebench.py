@@ -58,7 +58,9 @@ from .._errors import EngineError
 from .._local_cache import LocalCache
 from .._run import run
 from .._settings import EngineSettings
+from ..testing import until_tracking_ready
 from . import CHECKOUT
+from ._proc import cpu_seconds
 from .bench import _machine
 from .console import (
     Cell,
@@ -102,20 +104,6 @@ def _cache(eng: SessionEngine) -> LocalCache:
     if cache is None:
         raise EngineError("this engine has no local cache")
     return cache
-
-
-async def _until_ready(eng: SessionEngine, within: float = 10.0) -> None:
-    """Tracking is on for every primary (set up in the background once connected)."""
-    cache = _cache(eng)
-    deadline = time.monotonic() + within
-    while True:
-        trackers = [cache.trackers.get(n) for n in eng.transport.primaries()]
-        if all(t is not None and t.ready for t in trackers):
-            return
-        if time.monotonic() > deadline:
-            raise EngineError("client tracking never became ready")
-        await eng.ping()  # a command makes the data connections that tracking needs
-        await asyncio.sleep(0.02)
 
 
 async def _fill(eng: SessionEngine, tokens: Sequence[str], within: float = 30.0) -> int:
@@ -281,7 +269,7 @@ async def _hits(
         SessionEngine(_settings(url, 2 * args.hot, memo)) as cached,
         SessionEngine(_settings(url, 0, memo)) as uncached,
     ):
-        await _until_ready(cached)
+        await until_tracking_ready(cached)
         await _fill(cached, hot)
         await uncached.validate_many(hot)  # connections and token memo warm alike
         cache = _cache(cached)
@@ -466,7 +454,7 @@ async def _mix(
         SessionEngine(_settings(url, n + 1000, memo)) as cached,
         SessionEngine(_settings(url, 0, memo)) as uncached,
     ):
-        await _until_ready(cached)
+        await until_tracking_ready(cached)
         await _fill(cached, tokens)
         await uncached.validate_many(tokens)
         for r in range(args.rounds):
@@ -523,7 +511,7 @@ async def _entry_bytes(args: argparse.Namespace, url: str, tokens: list[str]) ->
     count = min(args.memory_entries, len(tokens))
     subset = tokens[:count]
     async with SessionEngine(_settings(url, count + 1000, 2 * count + 1000)) as eng:
-        await _until_ready(eng)
+        await until_tracking_ready(eng)
         for t in subset:  # the token memo is not the cache's: fill it first
             eng._derive(t)
         gc.collect()
@@ -566,7 +554,7 @@ async def _worker(config: dict[str, Any]) -> int:
     tokens: list[str] = config["token_list"]
     settings = _settings(config["url"], len(tokens) + 1000, 2 * len(tokens) + 1000)
     async with SessionEngine(settings) as eng:
-        await _until_ready(eng)
+        await until_tracking_ready(eng)
         cache = _cache(eng)
         print(json.dumps({"connected": True, "pid": os.getpid()}), flush=True)
         while line := await asyncio.to_thread(sys.stdin.readline):
@@ -762,12 +750,12 @@ async def _fan_out_cost(
     pids = [n.pid for n in cluster.primaries() if n.pid is not None]
 
     async def update_all(tokens: list[str]) -> float:
-        cpu0 = _cpu_seconds(pids)
+        cpu0 = cpu_seconds(pids)
         for start in range(0, len(tokens), 100):
             await asyncio.gather(
                 *(base.update(t, data={"v": 2}) for t in tokens[start : start + 100])
             )
-        return _cpu_seconds(pids) - cpu0
+        return cpu_seconds(pids) - cpu0
 
     items0 = (await asyncio.to_thread(_tracking_info, cluster))["tracking_total_items"]
     alone = await update_all(untracked)
@@ -788,21 +776,6 @@ async def _fan_out_cost(
         "server_cpu_us_per_message": None if per_message is None else per_message * 1e6,
         "note": "primaries' utime + stime from /proc, 10 ms ticks",
     }
-
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU of these processes so far (0 where /proc cannot tell)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _TICK
 
 
 def _ms(samples: list[float], q: float) -> float | None:

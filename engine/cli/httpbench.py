@@ -53,6 +53,7 @@ from typing import IO, Any, Final
 
 from ..testing import LocalCluster
 from . import CHECKOUT
+from ._proc import cpu_seconds
 from .console import (
     Progress,
     add_json_option,
@@ -70,7 +71,6 @@ APPS_DIR = ROOT / "loadtest" / "peers"
 HOST = "127.0.0.1"
 _READY_TIMEOUT = 30.0
 _STOP_GRACE = 5.0
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 # INFO itself and replication acknowledgements are the harness's, not the system's.
 _NOT_COUNTED = {"cmdstat_info", "cmdstat_replconf"}
 _SCRIPT_CMDS = {"cmdstat_eval", "cmdstat_evalsha", "cmdstat_eval_ro", "cmdstat_evalsha_ro"}
@@ -221,16 +221,6 @@ def _descendants(pid: int) -> list[int]:
         out.append(p)
         todo.extend(children.get(p, ()))
     return out
-
-
-def _cpu_seconds(pids: Sequence[int]) -> float:
-    """utime + stime of ``pids``, seconds (from ``/proc/PID/stat``)."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
-    return total / _CLK_TCK
 
 
 @dataclass
@@ -430,9 +420,9 @@ class Bench:
         pids = _descendants(server.proc.pid)
         clients = self.clients[server.system.key]
         cmds0 = _commandstats(clients)
-        cpu0 = _cpu_seconds(pids)
+        cpu0 = cpu_seconds(pids)
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
-        cpu1 = _cpu_seconds(pids)
+        cpu1 = cpu_seconds(pids)
         cmds1 = _commandstats(clients)
         if out.returncode != 0:
             raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip()}")

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import IO, Any, Final
 
 from .._engine import SessionEngine
 from .._run import run
 from .._settings import EngineSettings
+from ._proc import cpu_seconds
 from .bench import Row, _closed_loop, _fmt, _machine
 from .console import (
     Progress,
@@ -35,20 +34,6 @@ from .console import (
 
 __all__ = ["main"]
 
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU of these processes so far (0 where /proc cannot tell)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / _TICK
-
 
 async def _measure(
     name: str,
@@ -59,7 +44,7 @@ async def _measure(
     per_call: int = 1,
     concurrency: int | None = None,
 ) -> Row:
-    server0 = _cpu_seconds(pids)
+    server0 = cpu_seconds(pids)
     row = await _closed_loop(
         name,
         op,
@@ -70,7 +55,7 @@ async def _measure(
     )
     if row.ops_per_s:
         # Includes the warm-up calls too, a small overestimate alike for both clusters.
-        spent = _cpu_seconds(pids) - server0
+        spent = cpu_seconds(pids) - server0
         row.note = f"{spent / (row.ops_per_s * args.seconds) * 1e6:.1f}"
     return row
 

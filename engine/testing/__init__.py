@@ -49,6 +49,7 @@ __all__ = [
     "make_test_pki",
     "netns_unavailable",
     "primary_clients",
+    "until_tracking_ready",
 ]
 
 _HOME = {
@@ -68,6 +69,7 @@ _HOME = {
     "keys_under": "._keyspace",
     "make_test_pki": "._tls",
     "primary_clients": "._keyspace",
+    "until_tracking_ready": "._local_cache",
 }
 
 
