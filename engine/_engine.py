@@ -63,6 +63,7 @@ _STATE_CODE: Final = {
 _STATE_BY_BYTE: Final = {ord(code): state for state, code in _STATE_CODE.items()}
 _ALL_STATES: Final = "".join(_STATE_CODE.values()).encode()
 _DEFAULT_STATES: Final = frozenset({SessionState.ACTIVE})
+_YIELD_EVERY: Final = 255  # a local-cache hit yields to the loop once in 256 (a mask)
 
 
 class _Unset(enum.Enum):
@@ -575,6 +576,11 @@ class SessionEngine:
             allowed = _DEFAULT_STATES if states is None else self._state_set(states)
             hit = self._cache_hit(cache, derived, allowed)
             if hit is not None:
+                if not cache.hits & _YIELD_EVERY:
+                    # A hit never waits for anything: a loop of them would starve the
+                    # event loop, and with it the liveness probes that keep the entries
+                    # servable. Every 256th hit lets the loop run once.
+                    await asyncio.sleep(0)
                 return hit or None
             ticket = cache.ticket(derived[0])
         t0 = time.perf_counter()
@@ -776,6 +782,8 @@ class SessionEngine:
                     hit = self._cache_hit(cache, derived, allowed)
                     if hit is not None:
                         out[-1] = hit or None
+                        if not cache.hits & _YIELD_EVERY:
+                            await asyncio.sleep(0)  # as in validate
                         continue
                     tickets.append(cache.ticket(derived[0]))
                 if default:

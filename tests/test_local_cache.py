@@ -569,3 +569,18 @@ async def test_a_plain_server_works_the_same(standalone_url: str, prefix: str) -
             return await b.validate(new.token) is None
 
         await seen_within(gone)
+
+
+async def test_a_tight_loop_of_hits_does_not_starve_the_liveness_probe(
+    cluster_url: str, prefix: str
+) -> None:
+    """Hits never wait for I/O; without an occasional yield a loop of them would keep the
+    probes from running, and every entry would go stale ("silent") after max_staleness."""
+    async with pair(cluster_url, prefix, local_cache_max_staleness=0.2) as (a, b):
+        new = await a.create(user_id="u1")
+        await cached(b, new.token)
+        end = time.monotonic() + 1.0  # five times the staleness bound, never sleeping
+        while time.monotonic() < end:
+            assert await b.validate(new.token) is not None
+        assert cache_of(b).drops["silent"] == 0
+        assert new.token and cache_of(b).misses < 10  # stayed servable throughout
