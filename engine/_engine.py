@@ -606,33 +606,29 @@ class SessionEngine:
                 raise
             if not direct:
                 ticket = None
-            fut = None
-            m.latency((time.perf_counter() - t0) * 1000.0)
-            session = self._validated(derived[1], reply)
-            if ticket is not None and session is not None:
-                self._cache_store(derived, session, reply, ticket)
-            return session
-        if fut is not None:
-            try:
-                reply = await fut
-            except Exception as exc:  # the transport's own failure type: call() decides
-                reply = exc
-        if fut is None or (type(reply) is not list and isinstance(reply, Exception)):
-            # Slow path: redirects, NOSCRIPT, reconnects, retries, back-pressure; it carries
-            # on from the first try's outcome rather than sending the command again first.
-            # Its reply may come from another node: never stored in the local cache.
-            ticket = None
-            try:
-                reply = await transport.call(
-                    derived[0],
-                    packed,
-                    deadline=deadline,
-                    script=self._validate_script,
-                    first=reply,
-                )
-            except EngineUnavailable:
-                m.errors += 1
-                raise
+        else:
+            if fut is not None:
+                try:
+                    reply = await fut
+                except Exception as exc:  # the transport's own failure type: call() decides
+                    reply = exc
+            if fut is None or (type(reply) is not list and isinstance(reply, Exception)):
+                # Slow path: redirects, NOSCRIPT, reconnects, retries, back-pressure; it
+                # carries on from the first try's outcome rather than sending the command
+                # again first. Its reply may come from another node: never stored in the
+                # local cache.
+                ticket = None
+                try:
+                    reply = await transport.call(
+                        derived[0],
+                        packed,
+                        deadline=deadline,
+                        script=self._validate_script,
+                        first=reply,
+                    )
+                except EngineUnavailable:
+                    m.errors += 1
+                    raise
         m.latency((time.perf_counter() - t0) * 1000.0)
         session = self._validated(derived[1], reply)
         if ticket is not None and session is not None:

@@ -38,7 +38,7 @@ from .._engine import SessionEngine
 from .._settings import EngineSettings
 from ..testing import LocalCluster
 from ..testing._netns import netns_unavailable
-from .bench import Row, _closed_loop, _machine, _open_loop
+from .bench import Row, _closed_loop, _machine, _machine_note, _open_loop
 from .console import Progress, markdown_table, print_table, right
 
 __all__ = ["bench_networks", "render_networks", "report_networks"]
@@ -191,11 +191,7 @@ def network_rows(result: dict[str, Any]) -> list[list[str | None]]:
 
 
 def _network_note(result: dict[str, Any]) -> str:
-    m = result["machine"]
-    return (
-        f"Machine: {m['cores']} cores, {m['cpu']}, Python {m['python']}, Redis {m['redis']}, "
-        f"{m['loop']}. Clusters: {result['loopback_url']} and {result['netns_url']}."
-    )
+    return f"{_machine_note(result)} Clusters: {result['loopback_url']} and {result['netns_url']}."
 
 
 def render_networks(result: dict[str, Any]) -> str:
