@@ -76,6 +76,12 @@ T = TypeVar("T")
 V = TypeVar("V")
 
 
+class _WaitInterrupted(ReplicationIncomplete):
+    """The write ran, then its ``WAIT`` got an error (``UNBLOCKED``: the primary became a
+    replica) or no reply: nothing confirms it reached a replica. What callers see is a
+    ``ReplicationIncomplete``; deletes resend (``_write_resending_once``)."""
+
+
 def _ms_to_dt(ms: float) -> datetime:
     return datetime.fromtimestamp(ms / 1000.0, tz=UTC)
 
@@ -313,7 +319,7 @@ class SessionEngine:
             # lost connection after the write's reply: the write ran, but nobody confirmed
             # that it reached a replica.
             result = convert(reply, 0)
-            raise ReplicationIncomplete(
+            raise _WaitInterrupted(
                 f"{operation}: WAIT failed: {acked}", acknowledged=0, wanted=wanted, result=result
             )
         result = convert(reply, acked)
@@ -1053,6 +1059,14 @@ class SessionEngine:
         Deletes are the writes a resend cannot turn into a resurrection. Returns the first
         try's result, or ``None`` after a lost reply when the second try found nothing to
         do (the first may have done it), else the second try's result.
+
+        A ``WAIT`` interrupted after the delete ran (the primary became a replica: a
+        failover, ``UNBLOCKED``; or the connection dropped) is also resolved by a second
+        try, at the slot's current owner, so a planned failover fails no revoke: that owner
+        deletes again what the failover lost (a primary cut off from the majority), and
+        its ``WAIT`` confirms; or it finds nothing, and then ``_fence`` confirms that what
+        it holds (the first delete) reached the replicas. Either way the first try's
+        result is returned.
         """
         deadline = self._write_deadline()
 
@@ -1068,13 +1082,46 @@ class SessionEngine:
                 sessions=sessions,
             )
 
+        first: _WaitInterrupted | None = None
         try:
             return await attempt()
         except OutcomeUnknown:
             if self.transport.loop.time() >= deadline:
                 raise
-        again = await attempt()
-        return again if again else None
+        except _WaitInterrupted as interrupted:
+            if self.transport.loop.time() >= deadline:
+                raise
+            first = interrupted
+        if first is None:
+            again = await attempt()
+            return again if again else None
+        try:
+            if not await attempt():
+                await self._fence(tag, deadline)
+        except ReplicationIncomplete as unconfirmed:
+            unconfirmed.result = first.result
+            raise
+        return cast(T, first.result)
+
+    async def _fence(self, tag: str, deadline: float) -> None:
+        """A write that propagates and changes nothing, then ``WAIT``: proves that the
+        replicas of ``tag``'s primary hold everything it held before (its replication
+        offset). A read would not do: since Redis 7.2 a connection's ``WAIT`` covers only
+        its own propagated writes (7.0 covered the whole stream).
+
+        Raises:
+            ReplicationIncomplete: fewer replicas than ``wait_replicas`` confirmed in time.
+        """
+        await self._write(
+            self._scripts["fence"],
+            tag,
+            [self._keys.fence(tag)],
+            (),
+            lambda reply, _: reply,
+            operation="fence",
+            deadline=deadline,
+            sessions=False,
+        )
 
     async def revoke_session_id(self, user_id: str, session_id: str) -> bool:
         """Revoke one of ``user_id``'s sessions by its public id (a "log out that device")."""

@@ -6,6 +6,7 @@ All keys of one user share a hash slot through the ``{tag}`` hash tag::
     <prefix>:{<tag>}:u:<user>                the user's session index (sorted set by deadline)
     <prefix>:{<tag>}:r:<user>                the user's chat rooms (set), for revoke_user
     <prefix>:{<tag>}:c:<user>:<room>         one chat history (list)
+    <prefix>:{<tag>}:f                       written and deleted at once by ``fence.lua``
 
 A stored session is ``header + owner + '|' + data``; the header is fixed-width ASCII
 (``HEADER_FIELDS``). The Lua scripts get the same facts from ``lua_layout()``, which the
@@ -47,6 +48,7 @@ SESSION_PART = "s:"
 INDEX_PART = "u:"
 ROOMS_PART = "r:"
 CHAT_PART = "c:"
+FENCE_PART = "f"
 
 
 class Field(NamedTuple):
@@ -175,6 +177,9 @@ class KeySpace:
     @staticmethod
     def encode_id(value: str) -> str:
         return quote(value, safe="")
+
+    def fence(self, tag: str) -> str:
+        return f"{self._prefix}:{{{tag}}}:{FENCE_PART}"
 
     def user_index(self, tag: str, user_id: str) -> str:
         return f"{self._prefix}:{{{tag}}}:{INDEX_PART}{self.encode_id(user_id)}"

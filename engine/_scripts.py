@@ -18,7 +18,7 @@ from ._keys import lua_layout
 
 __all__ = ["SCRIPT_NAMES", "Script", "lua_dir", "scripts"]
 
-_WITHOUT_PRELUDE = frozenset({"validate"})
+_WITHOUT_PRELUDE = frozenset({"validate", "fence"})
 
 SCRIPT_NAMES = (
     "validate",
@@ -30,6 +30,7 @@ SCRIPT_NAMES = (
     "list_user",
     "chat_append",
     "chat_clear",
+    "fence",
 )
 
 

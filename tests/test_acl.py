@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,6 +76,13 @@ def test_script_commands_are_read_from_the_sources() -> None:
         calls = re.findall(r"redis\.p?call\(\s*'([A-Z]+)'", source)
         assert set(script_commands(name)) == {c.lower() for c in calls}
     assert "time" in script_commands("validate")  # deadlines use the server's clock
+
+
+def test_the_readme_shows_the_rule_the_command_prints() -> None:
+    """The README's example had gone stale (no +append, +rename) when the scripts changed."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    shown = [line for line in readme.splitlines() if line.startswith("ACL SETUSER engine ")]
+    assert shown == [format_acl_setuser("engine", "se", ("sessions", "chat")).splitlines()[0]]
 
 
 def test_the_rule_is_least_privilege_and_keyed_to_the_prefix() -> None:

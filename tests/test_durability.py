@@ -199,3 +199,71 @@ async def test_waits_on_a_missing_replica_do_not_slow_validations() -> None:
             # Blocked behind a WAIT, a validation would take ~500 ms. The machine is shared,
             # so allow noise on top of the 2x bar; bench.md has the measured figures.
             assert during < 2 * baseline + 0.025, (baseline, during)
+
+
+async def test_a_delete_whose_wait_a_failover_interrupts_is_confirmed_not_failed() -> None:
+    """A failover (CLUSTER FAILOVER included) ends every WAIT on the old primary with
+    ``UNBLOCKED``. The delete ran; the engine sends it once more to the slot's current
+    owner and confirms it there, so revoke and revoke_user report success, not
+    ReplicationIncomplete (the manual-failover drill hit exactly this). Here the WAIT is
+    ended the same way a failover ends it (CLIENT UNBLOCK ... ERROR), while the replica
+    is stopped, so nothing else can confirm the first try; the replica then resumes and
+    the second try's confirmation (a fence: the delete finds nothing left) must succeed.
+    With the replica still stopped the confirmation fails and says so, with the result."""
+    with LocalCluster(primaries=3, replicas_per_primary=1) as cl:
+        primary = cl.primaries()[0]
+        replica = next(r for r in cl.replicas() if r.master_id == primary.node_id)
+        settings = EngineSettings(url=cl.url, wait_replicas=1, wait_timeout=1.0)
+        async with SessionEngine(settings) as eng:
+            one, many, stuck = _users_on(eng, primary, 3, "interrupted")
+            single = await eng.create(user_id=one)
+            several = [await eng.create(user_id=many) for _ in range(3)]
+            left = await eng.create(user_id=stuck)
+
+            def blocked_in_wait() -> list[int]:
+                clients = cl.run(primary.port, "CLIENT", "LIST")
+                return [c["id"] for c in _client_list(clients) if c["cmd"] == "wait"]
+
+            async def interrupt(write: Awaitable[Any], *, resume: bool) -> Any:
+                await asyncio.to_thread(cl.pause, replica.port)
+                task = asyncio.ensure_future(write)
+                try:
+                    end = time.monotonic() + 5
+                    while not (ids := await asyncio.to_thread(blocked_in_wait)):
+                        assert time.monotonic() < end, "the write never blocked in WAIT"
+                        await asyncio.sleep(0.01)
+                    for client_id in ids:
+                        cl.run(primary.port, "CLIENT", "UNBLOCK", client_id, "ERROR")
+                    if resume:
+                        await asyncio.to_thread(cl.resume, replica.port)
+                    return await task
+                finally:
+                    await asyncio.to_thread(cl.resume, replica.port)
+
+            waits_before = _calls(cl, primary.port, "wait")
+            assert await interrupt(eng.revoke(single.token), resume=True) is True
+            assert await eng.validate(single.token) is None
+            assert await interrupt(eng.revoke_user(many), resume=True) == 3
+            assert all([await eng.validate(s.token) is None for s in several])
+            # Each call: its WAIT (interrupted), the second try's, the fence's.
+            assert _calls(cl, primary.port, "wait") - waits_before == 6
+
+            with pytest.raises(ReplicationIncomplete) as info:
+                await interrupt(eng.revoke(left.token), resume=False)
+            assert info.value.result is True  # the first try deleted it
+            assert await eng.validate(left.token) is None
+
+
+def _client_list(reply: Any) -> list[dict[str, Any]]:
+    if isinstance(reply, list):
+        return reply
+    text = reply.decode() if isinstance(reply, bytes) else str(reply)
+    return [
+        dict(field.split("=", 1) for field in line.split() if "=" in field)
+        for line in text.splitlines()
+    ]
+
+
+def _calls(cl: LocalCluster, port: int, command: str) -> int:
+    stats = cl.run(port, "INFO", "commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
