@@ -31,6 +31,15 @@ the engine is imported only by ``EngineUser``.
 Think time: ``LOCUST_WAIT_MIN`` / ``LOCUST_WAIT_MAX`` seconds between tasks (default 5 to
 20 s, a person reading a page; a task makes ~2.6 requests, so 2000 users offer ~400 req/s).
 ``1`` / ``3`` turns the same users into a saturation test.
+
+Arrivals: Locust starts each second's ``--spawn-rate`` users at the same instant (its
+dispatcher hands out ``floor(spawn_rate)`` users per one-second step), so ``-r 200`` would
+be 200 logins in the same millisecond, then nothing for a second: not an arrival rate of
+200 a second but a burst that no service of two workers drains in 100 ms, and what Locust
+reported as the ramp-up's tail (p50 100-200 ms for logins while an independent client saw
+2-4 ms; bench.md 3d). Each user therefore waits a random moment within that step
+(``LOCUST_ARRIVAL_SPREAD`` seconds, default 1; 0 restores the lockstep) before it logs in:
+the same users at the same rate, arriving as people do.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ if TYPE_CHECKING:
 
 WAIT_MIN = float(os.environ.get("LOCUST_WAIT_MIN", "5.0"))
 WAIT_MAX = float(os.environ.get("LOCUST_WAIT_MAX", "20.0"))
+ARRIVAL_SPREAD = float(os.environ.get("LOCUST_ARRIVAL_SPREAD", "1.0"))
 ENGINE_DIRECT = os.environ.get("ENGINE_LOCUST_DIRECT", "") not in ("", "0")
 ROOMS = ("general", "random", "support")
 LOCAL_CACHE_SIZE = 100_000  # EngineUser's local cache unless ENGINE_LOCAL_CACHE_SIZE is set
@@ -84,6 +94,8 @@ class SessionUser(FastHttpUser):
     def on_start(self) -> None:
         self.user_id = f"user-{uuid.uuid4().hex}"
         self.token: str | None = None
+        if ARRIVAL_SPREAD > 0:  # see "Arrivals" above
+            gevent.sleep(ARRIVAL_SPREAD * secrets.randbelow(1_000_000) / 1_000_000)
         self.login()
 
     def auth(self, token: str | None = None) -> dict[str, str]:

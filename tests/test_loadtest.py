@@ -46,6 +46,8 @@ def test_short_locust_run_has_no_failures(
         "--wait",  # short think time: enough requests in a short run
         "1",
         "3",
+        "--arrival-spread",  # each second's users log in within half a second
+        "0.5",
         "--json",
         str(tmp_path / "loadtest.json"),
     ]
@@ -67,6 +69,7 @@ def test_short_locust_run_has_no_failures(
     assert total.requests >= 1000, out
     # The service ran with the local cache, and its counters reached /metrics.
     assert "local cache 100,000" in out, out
+    assert "arrivals spread over 0.5s" in out, out
     assert re.search(r"local cache \(one worker's /metrics\): hit rate [\d.]+% \([\d,]+ hits", out)
     assert (tmp_path / "locust.html").is_file()
     figures = json.loads((tmp_path / "loadtest.json").read_text())

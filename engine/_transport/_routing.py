@@ -123,6 +123,7 @@ class Transport:
         self._state = State.NEW
         self._nodes: dict[tuple[str, int], Node] = {}
         self._slot_nodes: list[Node] = []
+        self._primaries: list[Node] | None = None  # of _slot_nodes; None: to be computed
         self._replicas: dict[Node, list[Node]] = {}
         self._refresh_task: asyncio.Task[None] | None = None
         self._last_refresh = 0.0
@@ -197,6 +198,7 @@ class Transport:
                         EngineUnavailable(f"SELECT {self._db} failed: {ok}")
                     )
             self._slot_nodes = [seed] * SLOTS
+            self._primaries = None
         else:
             self.cluster = True
             if not self._apply_slots(reply, seed):
@@ -258,11 +260,14 @@ class Transport:
         return list(self._nodes.values())
 
     def primaries(self) -> list[Node]:
-        """The nodes that serve at least one slot now."""
-        seen: dict[str, Node] = {}
-        for node in self._slot_nodes:
-            seen.setdefault(node.name, node)
-        return list(seen.values())
+        """The nodes that serve at least one slot now (computed once per slot-map change:
+        the local cache asks several times a second, and the map has 16,384 entries)."""
+        if self._primaries is None:
+            seen: dict[str, Node] = {}
+            for node in self._slot_nodes:
+                seen.setdefault(node.name, node)
+            self._primaries = list(seen.values())
+        return list(self._primaries)
 
     def node_for_slot(self, slot: int) -> Node:
         return self._slot_nodes[slot]
@@ -285,6 +290,7 @@ class Transport:
                 if r[0] != b"?"
             ]
         self._slot_nodes = table
+        self._primaries = None
         self._replicas = replicas
         return True
 
@@ -369,6 +375,7 @@ class Transport:
     def _note_moved(self, slot: int, host: str, port: int) -> None:
         self.redirects["MOVED"] += 1
         self._slot_nodes[slot] = self._node(host, port)
+        self._primaries = None
         now = self.loop.time()
         times = self._moved_times
         times.append(now)

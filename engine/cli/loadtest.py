@@ -275,6 +275,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="think time per simulated user, seconds (locustfile default: 5 20; 1 3 saturates)",
     )
     p.add_argument(
+        "--arrival-spread",
+        type=float,
+        metavar="SECONDS",
+        help="each user logs in at a random moment within this many seconds of its start "
+        "(locustfile default 1: Locust starts each second's users at one instant; "
+        "0 keeps that lockstep burst)",
+    )
+    p.add_argument(
         "--reset-stats",
         action="store_true",
         help="count only the steady state: reset Locust's statistics once all users run",
@@ -304,6 +312,9 @@ def execute(args: argparse.Namespace) -> int:
     Args:
         argv: Arguments after ``loadtest`` (see ``--help``).
     """
+    if args.arrival_spread is not None and args.arrival_spread < 0:
+        print("error: --arrival-spread must be >= 0")
+        return 2
     if args.users < 1 or args.duration < 1 or args.workers < 1 or args.spawn_rate <= 0:
         print("error: --users, --spawn-rate, --duration and --workers must be positive")
         return 2
@@ -342,6 +353,11 @@ def execute(args: argparse.Namespace) -> int:
                 **(
                     {"LOCUST_WAIT_MIN": str(args.wait[0]), "LOCUST_WAIT_MAX": str(args.wait[1])}
                     if args.wait
+                    else {}
+                ),
+                **(
+                    {"LOCUST_ARRIVAL_SPREAD": str(args.arrival_spread)}
+                    if args.arrival_spread is not None
                     else {}
                 ),
                 "PYTHONPATH": os.pathsep.join(
@@ -413,7 +429,8 @@ def execute(args: argparse.Namespace) -> int:
             wait = "{}-{}s".format(*args.wait) if args.wait else "default"
             print(
                 f"loadtest: {args.users} users, spawn {args.spawn_rate}/s, {args.duration}s, "
-                f"think time {wait}, "
+                f"think time {wait}, arrivals spread over "
+                f"{'1 (default)' if args.arrival_spread is None else args.arrival_spread}s, "
                 f"{args.workers} uvicorn worker(s), {args.locust_processes} locust process(es), "
                 f"local cache {cache_size:,}, service {base}, cluster {url}",
                 file=report_stream(args),
