@@ -83,6 +83,9 @@ class ChatIn(BaseModel):
     text: str = Field(min_length=1, max_length=2000)
 
 
+_WORKER_HEADER = (b"x-worker", str(os.getpid()).encode())
+
+
 class _LatencyMiddleware:
     """Request latency per route template (``/chat/{room}``, never the raw path)."""
 
@@ -101,6 +104,9 @@ class _LatencyMiddleware:
             nonlocal code
             if message["type"] == "http.response.start":
                 code = message["status"]
+                # Which worker answered: the Locust scenarios name it in a failure (the
+                # read-your-writes probes assume the worker that wrote is the one asked).
+                message["headers"] = [*message.get("headers", ()), _WORKER_HEADER]
             await send(message)
 
         try:

@@ -94,6 +94,7 @@ class SessionUser(FastHttpUser):
     def on_start(self) -> None:
         self.user_id = f"user-{uuid.uuid4().hex}"
         self.token: str | None = None
+        self.worker: str | None = None  # the x-worker of the last call()
         if ARRIVAL_SPREAD > 0:  # see "Arrivals" above
             gevent.sleep(ARRIVAL_SPREAD * secrets.randbelow(1_000_000) / 1_000_000)
         self.login()
@@ -120,6 +121,7 @@ class SessionUser(FastHttpUser):
         with self.client.request(
             method, path, headers=self.auth(), name=name, catch_response=True, **kwargs
         ) as r:
+            self.worker = r.headers.get("x-worker")
             if r.status_code == 200:
                 return r.json()
             r.failure(f"{name}: {r.status_code} {r.error or ''}".strip())
@@ -134,7 +136,12 @@ class SessionUser(FastHttpUser):
             ):
                 r.success()
             else:
-                r.failure(f"expected 401 invalid_token, got {r.status_code}")
+                # The worker of the write before and of this answer: another worker may
+                # serve the old token for the time one invalidation message takes.
+                r.failure(
+                    f"expected 401 invalid_token, got {r.status_code} "
+                    f"(wrote on worker {self.worker}, answered by {r.headers.get('x-worker')})"
+                )
 
     @task(20)
     def browse(self) -> None:

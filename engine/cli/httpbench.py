@@ -113,6 +113,14 @@ SYSTEMS: dict[str, System] = {
             env=(("ENGINE_LOCAL_CACHE_SIZE", "100000"),),
         ),
         System(
+            "engine-cached-direct",
+            "this engine + local cache, require_session called in the endpoint",
+            "engine_app",
+            ("fastapi",),
+            True,
+            env=(("ENGINE_LOCAL_CACHE_SIZE", "100000"), ("ENGINE_ME_DIRECT", "1")),
+        ),
+        System(
             "starsessions",
             "starsessions RedisStore",
             "starsessions_app",
