@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.routing import APIRoute
 from helpers import delete_prefix
 
@@ -52,6 +52,12 @@ def build_app(settings: EngineSettings) -> FastAPI:
 
     @app.get("/me")
     async def me(session: CurrentSession) -> dict[str, Any]:
+        return {"user": session.user_id, "state": session.state.value}
+
+    # The README's "fastest endpoint": the dependency called in the body, not Depends.
+    @app.get("/me-direct", openapi_extra={"security": [{"HTTPBearer": []}]})
+    async def me_direct(request: Request) -> dict[str, Any]:
+        session = await require_session(request)
         return {"user": session.user_id, "state": session.state.value}
 
     @app.get("/maybe")
@@ -173,6 +179,27 @@ async def test_401_missing_garbage_revoked(api: tuple[httpx.AsyncClient, Session
     assert r.status_code == 401 and 'error="invalid_token"' in r.headers["www-authenticate"]
 
 
+async def test_require_session_called_in_the_endpoint_answers_as_depends(
+    api: tuple[httpx.AsyncClient, SessionEngine],
+) -> None:
+    """README, "The fastest endpoint": the same status, challenge and body as Depends."""
+    client, engine = api
+    live = (await engine.create(user_id="direct")).token
+    revoked = (await engine.create(user_id="direct")).token
+    await engine.revoke(revoked)
+    locked = (await engine.create(user_id="direct", state=SessionState.LOCKED)).token
+    for headers in ({}, bearer("garbage"), bearer(live), cookie(live), bearer(revoked),
+                    cookie(locked), {**bearer("garbage"), **cookie(live)}):  # fmt: skip
+        via_depends = await client.get("/me", headers=headers)
+        direct = await client.get("/me-direct", headers=headers)
+        assert direct.status_code == via_depends.status_code, headers
+        assert direct.headers.get("www-authenticate") == via_depends.headers.get("www-authenticate")
+        assert direct.json() == via_depends.json(), headers
+    assert (await client.get("/me-direct", headers=bearer(live))).status_code == 200
+    schema = (await client.get("/openapi.json")).json()
+    assert schema["paths"]["/me-direct"]["get"]["security"] == [{"HTTPBearer": []}]
+
+
 async def test_optional_session(api: tuple[httpx.AsyncClient, SessionEngine]) -> None:
     client, engine = api
     assert (await client.get("/maybe")).json() == {"user": None}
@@ -290,7 +317,7 @@ async def test_503_while_redis_is_down() -> None:
             port = cl.ports[0]
             await asyncio.to_thread(cl.pause, port)
             try:
-                for path in ("/me", "/maybe", "/pending", "/alice", "/me", "/me"):
+                for path in ("/me", "/maybe", "/pending", "/alice", "/me-direct", "/me", "/me"):
                     t0 = time.monotonic()
                     r = await client.get(path, headers=bearer(token))
                     elapsed = time.monotonic() - t0
