@@ -1106,8 +1106,8 @@ class SessionEngine:
     async def _fence(self, tag: str, deadline: float) -> None:
         """A write that propagates and changes nothing, then ``WAIT``: proves that the
         replicas of ``tag``'s primary hold everything it held before (its replication
-        offset). A read would not do: since Redis 7.2 a connection's ``WAIT`` covers only
-        its own propagated writes (7.0 covered the whole stream).
+        offset). A read would not do: on Redis 8.2 a connection's ``WAIT`` covers only its
+        own propagated writes (measured; 7.0.15 covered the whole stream).
 
         Raises:
             ReplicationIncomplete: fewer replicas than ``wait_replicas`` confirmed in time.
